@@ -1,0 +1,188 @@
+"""The self-describing checkpoint: one safetensors file, weights plus JSON metadata.
+
+Loading never unpickles anything: safetensors holds raw tensors and a JSON header, so nothing in the
+file can run. Every way a file can be wrong raises `CheckpointError` with a message naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from model.architectures import output_classes
+from model.preprocess import Preprocess
+from model.registry import build_model
+
+FORMAT_VERSION = 1
+META_KEY = "convserve"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container
+_PICKLE_MAGIC = b"\x80"  # pickle protocol 2+ opcode PROTO
+
+
+class CheckpointError(Exception):
+    """The checkpoint cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class CheckpointMeta:
+    arch: str
+    labels: list[str]
+    preprocess: dict[str, Any]
+    arch_config: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # data set, epochs, best metrics, date, torch
+    name: str = ""  # human name shown by the service; defaults to the file stem
+    version: str = "1"
+    weights_sha256: str = ""  # filled in by save_checkpoint
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return Preprocess.from_dict(self.preprocess).input_shape
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["num_classes"] = self.num_classes
+        d["input_shape"] = list(self.input_shape)
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CheckpointMeta:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"checkpoint metadata is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise CheckpointError("checkpoint metadata must be a JSON object")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"unknown checkpoint format_version {version!r}; this convserve reads version "
+                f"{FORMAT_VERSION} (upgrade convserve, or re-export the checkpoint)"
+            )
+        for key, kind in (("arch", str), ("labels", list), ("preprocess", dict)):
+            if not isinstance(d.get(key), kind):
+                raise CheckpointError(
+                    f"checkpoint metadata field {key!r} is missing or not a {kind.__name__}"
+                )
+        num = d.pop("num_classes", None)
+        d.pop("input_shape", None)
+        if num is not None and num != len(d["labels"]):
+            raise CheckpointError(f"checkpoint says num_classes={num} but lists {len(d['labels'])} labels")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Loaded:
+    meta: CheckpointMeta
+    model: nn.Module  # eval mode, on the CPU
+    path: Path
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.from_dict(self.meta.preprocess)
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A digest of names, dtypes, shapes and bytes, independent of file layout and metadata."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta) -> CheckpointMeta:
+    """Write atomically: readers (a service reloading) never see half a file."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if output_classes(model) != meta.num_classes:
+        raise CheckpointError(f"model has {output_classes(model)} outputs but {meta.num_classes} labels")
+    Preprocess.from_dict(meta.preprocess)  # refuse to write preprocessing we could not read back
+    meta.weights_sha256 = weights_sha256(state)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={META_KEY: meta.to_json()})
+    os.replace(tmp, path)
+    return meta
+
+
+def _sniff(path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(
+            f"{path} looks like a pickle-based PyTorch file (.pt/.pth); convserve only loads safetensors "
+            "checkpoints because unpickling can run code. Convert weights you trust with "
+            "`python -m training export --arch ARCH --init-weights FILE --out model.safetensors`"
+        )
+    if len(head) < 8:
+        raise CheckpointError(f"{path} is empty or truncated ({len(head)} bytes)")
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    """Read only the metadata (cheap: the JSON header, no tensors)."""
+    path = Path(path)
+    _sniff(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as e:  # safetensors raises several types for corrupt headers
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
+        ) from None
+    if raw is None:
+        raise CheckpointError(f"{path} is a safetensors file without convserve metadata; export it first")
+    return CheckpointMeta.from_json(raw)
+
+
+def load_checkpoint(path: Path, verify: bool = True) -> Loaded:
+    """Rebuild the architecture from the metadata and load the weights into it, strictly."""
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:
+        raise CheckpointError(f"{path}: weights cannot be read (truncated or corrupt?): {e}") from None
+    if verify and meta.weights_sha256 and weights_sha256(state) != meta.weights_sha256:
+        raise CheckpointError(f"{path}: weights do not match the recorded SHA-256 (file corrupted?)")
+    try:
+        pre = Preprocess.from_dict(meta.preprocess)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad preprocessing in metadata: {e}") from None
+    if meta.num_classes < 1:
+        raise CheckpointError(f"{path}: the checkpoint lists no class labels")
+    try:
+        model = build_model(meta.arch, meta.num_classes, pre.channels, pre.size, meta.arch_config or None)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot rebuild architecture {meta.arch!r}: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{path}: weights do not fit architecture {meta.arch!r} with {meta.num_classes} classes: "
+            + " ".join(line.strip() for line in first[:4])
+        ) from None
+    model.eval()
+    return Loaded(meta=meta, model=model, path=path)
