@@ -129,7 +129,9 @@ def _sniff(path: Path) -> None:
             head = f.read(16)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC):
+    # safetensors: a little-endian u64 header length, then the JSON header's "{".
+    looks_safetensors = len(head) > 8 and head[8:9] == b"{"
+    if not looks_safetensors and (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
         raise CheckpointError(
             f"{path} looks like a pickle-based PyTorch file (.pt/.pth); convserve only loads safetensors "
             "checkpoints because unpickling can run code. Convert weights you trust with "

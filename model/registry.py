@@ -114,7 +114,10 @@ def load_init_weights(model: nn.Module, path: Path) -> list[str]:
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape and k in head_keys]
     for k in skipped:
         del state[k]
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches outside the head
+        raise ValueError(f"--init-weights {path} does not fit {type(model).__name__}: {e}") from None
     missing = [k for k in result.missing_keys if k not in skipped]
     if missing or result.unexpected_keys:
         raise ValueError(

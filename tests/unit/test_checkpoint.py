@@ -1,0 +1,178 @@
+"""The checkpoint round-trips exactly and refuses every broken file with one CheckpointError."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import (
+    META_KEY,
+    CheckpointError,
+    CheckpointMeta,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from model.preprocess import Preprocess
+from model.registry import build_model
+
+LABELS = ["circle", "square", "triangle"]
+
+
+def _meta(**kw) -> CheckpointMeta:
+    base = dict(
+        arch="convnet",
+        labels=list(LABELS),
+        preprocess=Preprocess(size=32).to_dict(),
+        training={"dataset": "shapes", "epochs": 2, "best": {"val_acc": 0.9}},
+        name="tiny",
+    )
+    base.update(kw)
+    return CheckpointMeta(**base)
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = build_model("convnet", 3, 3, 32)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, model, _meta())
+    return path, model
+
+
+def test_round_trip_is_bit_identical(saved) -> None:
+    path, model = saved
+    loaded = load_checkpoint(path)
+    for (name, a), (name2, b) in zip(
+        model.state_dict().items(), loaded.model.state_dict().items(), strict=True
+    ):
+        assert name == name2 and torch.equal(a, b)
+    expected = _meta()
+    expected.weights_sha256 = loaded.meta.weights_sha256
+    assert loaded.meta == expected
+    assert len(loaded.meta.weights_sha256) == 64
+    assert loaded.meta.input_shape == (3, 32, 32)
+    assert not loaded.model.training
+    assert list(path.parent.iterdir()) == [path]  # the temporary file was renamed away
+
+
+def test_metadata_is_plain_json_in_the_header(saved) -> None:
+    path, _ = saved
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    meta = json.loads(header["__metadata__"][META_KEY])
+    assert meta["labels"] == LABELS and meta["num_classes"] == 3 and meta["format_version"] == 1
+    assert meta["input_shape"] == [3, 32, 32]
+
+
+def test_truncated_file(saved) -> None:
+    path, _ = saved
+    data = path.read_bytes()
+    for cut in (4, 100, len(data) // 2, len(data) - 10):
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=r"truncated|corrupt"):
+            load_checkpoint(path)
+
+
+def test_corrupt_weights_fail_the_digest(saved) -> None:
+    path, _ = saved
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # flip bits in the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(path)
+
+
+def _rewrite_meta(path: Path, model: torch.nn.Module, **changes) -> None:
+    """Write a file whose metadata is changed after hashing, as a foreign tool might."""
+    from safetensors.torch import save_file
+
+    meta = json.loads(read_meta(path).to_json())
+    meta.update(changes)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path),
+        metadata={META_KEY: json.dumps(meta)},
+    )
+
+
+def test_unknown_format_version(saved) -> None:
+    path, model = saved
+    _rewrite_meta(path, model, format_version=99)
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        load_checkpoint(path)
+
+
+def test_wrong_class_count(saved) -> None:
+    path, model = saved
+    _rewrite_meta(path, model, labels=["a", "b"], num_classes=2)
+    with pytest.raises(CheckpointError, match="do not fit architecture 'convnet' with 2 classes"):
+        load_checkpoint(path)
+    _rewrite_meta(path, model, num_classes=7)
+    with pytest.raises(CheckpointError, match="num_classes=7 but lists 2 labels"):
+        load_checkpoint(path)
+
+
+def test_weights_architecture_mismatch(saved) -> None:
+    path, model = saved
+    _rewrite_meta(path, model, arch="vgg_small")
+    with pytest.raises(CheckpointError, match="do not fit architecture 'vgg_small'"):
+        load_checkpoint(path)
+    _rewrite_meta(path, model, arch="alexnet")
+    with pytest.raises(CheckpointError, match="unknown architecture 'alexnet'"):
+        load_checkpoint(path)
+
+
+def test_not_a_file_and_empty(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty or truncated"):
+        load_checkpoint(empty)
+
+
+def test_save_refuses_label_count_mismatch(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="3 outputs but 2 labels"):
+        save_checkpoint(tmp_path / "x.safetensors", build_model("convnet", 3), _meta(labels=["a", "b"]))
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that the payload ran."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.write_text, (self.target, "pwned"))
+
+
+@pytest.mark.parametrize("style", ["pickle", "torch.save"])
+def test_pickle_checkpoint_is_refused_and_never_runs(tmp_path: Path, style: str) -> None:
+    marker = tmp_path / "payload-ran"
+    bad = tmp_path / "model.pt"
+    if style == "pickle":
+        bad.write_bytes(pickle.dumps({"state_dict": _Payload(marker)}, protocol=4))
+    else:
+        torch.save({"state_dict": _Payload(marker)}, bad)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="pickle-based PyTorch file"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="pickle-based"):
+        read_meta(bad)
+    assert not marker.exists()
+
+
+def test_safetensors_without_our_metadata(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match="without convserve metadata"):
+        load_checkpoint(path)
