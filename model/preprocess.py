@@ -104,7 +104,7 @@ class Preprocess:
         """Ask the JPEG decoder for a reduced-scale decode (1/2, 1/4, 1/8) when the geometry below
         would shrink the image at least that much anyway: a 12-megapixel photo then costs a fraction
         of a full decode. Must run before the pixels are loaded; a no-op for other formats."""
-        if img.format != "JPEG":
+        if img.format not in ("JPEG", "MPO"):  # MPO: a JPEG with a multi-picture index (camera previews)
             return
         w, h = img.size
         img.draft(self.pil_mode, self._needed_source_size(w, h))
@@ -123,16 +123,18 @@ class Preprocess:
     def to_channels(self, img: Image.Image) -> Image.Image:
         """Any Pillow mode -> 'RGB' or 'L'. Alpha is composited over `alpha_background`; 16-bit and
         float images are scaled into 0-255 rather than clipped (Pillow's convert would clip)."""
-        if img.mode == self.pil_mode:
+        if img.mode == self.pil_mode and "transparency" not in img.info:
             return img
         if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
             img = _high_depth_to_l(img)
-        elif img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
+        elif img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+            img = img.convert("RGBA")  # palette alpha or a tRNS colour key: transparent like any alpha
         if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
             rgba = img.convert("RGBA")
             bg = Image.new("RGBA", rgba.size, (self.alpha_background,) * 3 + (255,))
             img = Image.alpha_composite(bg, rgba)
+        if img.mode in ("LAB", "HSV"):
+            img = img.convert("RGB")  # Pillow has no direct LAB/HSV -> L conversion
         return img.convert(self.pil_mode)
 
     def prepare(self, img: Image.Image) -> Image.Image:
