@@ -119,6 +119,10 @@ def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta) -> Check
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={META_KEY: meta.to_json()})
+    # safetensors writes 0600 whatever the umask; a container's non-root user must be able to read it.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     os.replace(tmp, path)
     return meta
 
