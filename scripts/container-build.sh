@@ -74,7 +74,7 @@ make_debian_base() {
   log "debootstrap $SUITE from $mirror (about 30 s)"
   debootstrap --variant=minbase "$SUITE" "$rootfs" "$mirror" >"$CACHE_DIR/debootstrap.log" 2>&1 \
     || { rm -rf "$rootfs"; die "debootstrap failed; see $CACHE_DIR/debootstrap.log"; }
-  tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$DEBIAN_BASE" >/dev/null
+  tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$DEBIAN_BASE" >/dev/null 2>>"$CACHE_DIR/debootstrap.log"
   rm -rf "$rootfs"
   log "debian base $DEBIAN_BASE: imported in $((SECONDS - start)) s"
 }
@@ -144,9 +144,13 @@ with open(conf_path, "w") as f:
 paths = set()
 for value in settings.values():
     for word in value.split():
-        word = word.removeprefix("file://")
-        if word.startswith("/") and os.path.exists(word):
-            paths.add(os.path.realpath(word))
+        is_index = word.startswith("file://")
+        word = os.path.realpath(word.removeprefix("file://")) if word.startswith(("/", "file:")) else ""
+        # a local PEP 503 index (DIR/simple/...) links to its files as ../../files: mount DIR
+        if is_index and os.path.basename(word) == "simple":
+            word = os.path.dirname(word)
+        if word and os.path.exists(word):
+            paths.add(word)
 for p in sorted(paths):
     print(f"{p}:{p}:ro")
 ' "$conf"
@@ -175,13 +179,23 @@ cmd_build() {
       mounts+=(-v "$path")
     done < <(pip_mounts "$conf")
     mounts+=(-v "$conf:/etc/pip.conf:ro")
-    log "pip inside the build uses $conf and ${#mounts[@]} read-only mounts"
+    log "pip inside the build uses $conf and $((${#mounts[@]} / 2)) read-only mounts"
   fi
   log "podman build -t $tag (variant $variant)"
   local build_start=$SECONDS
+  # Elapsed seconds on each step line show where a slow build spends its time.
   podman build --network host --format docker --build-arg "VARIANT=$variant" \
-    "${mounts[@]}" -t "$tag" -f "$dockerfile" "${extra[@]}" "$REPO_ROOT"
+    "${mounts[@]}" -t "$tag" -f "$dockerfile" "${extra[@]}" "$REPO_ROOT" 2>&1 \
+    | while IFS= read -r line; do
+        case "$line" in
+          *" STEP "*|*" COMMIT "*) printf '[+%4d s] %s\n' $((SECONDS - build_start)) "$line" ;;
+          *) printf '%s\n' "$line" ;;
+        esac
+      done
   log "image $tag built in $((SECONDS - build_start)) s (total $((SECONDS - start)) s)"
+  # Earlier builds of this Dockerfile leave untagged images behind (a 6 GB dependency layer each
+  # time pyproject.toml changes); remove those, and only those.
+  podman image prune -f --filter label=org.opencontainers.image.title=convserve >/dev/null || true
 }
 
 main() {
