@@ -142,7 +142,9 @@ class Preprocess:
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animated GIF/WebP/TIFF: the first frame is the image
         self.draft(img)
-        img = ImageOps.exif_transpose(img) or img
+        # exif_transpose copies the whole image even when there is nothing to do; ask first.
+        if img.getexif().get(0x0112, 1) != 1:  # 0x0112: the EXIF Orientation tag
+            img = ImageOps.exif_transpose(img) or img
         return self.to_channels(img)
 
     # ---- step 2: geometry ---------------------------------------------------------------------------
