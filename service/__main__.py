@@ -1,0 +1,95 @@
+"""`python -m service` / `convserve-serve`: flags (or CONVSERVE_* variables) -> Settings -> uvicorn.
+
+One worker process by design: it holds one model and one batcher; scale with replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import types
+import typing
+from typing import Any
+
+from pydantic import SecretStr
+
+from service.settings import ENV_PREFIX, Settings, SettingsError, flag_name, load_settings
+
+
+def _arg_kwargs(annotation: Any) -> dict[str, Any]:
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Annotated:
+        return _arg_kwargs(args[0])
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _arg_kwargs(args[0])
+    if origin is typing.Literal:
+        return {"choices": list(args), "type": type(args[0])}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float):
+        return {"type": annotation, "metavar": "N"}
+    if annotation is SecretStr:
+        return {"type": str, "metavar": "KEY"}
+    return {"type": str}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve a convserve checkpoint over HTTP. Every flag can also be set with the "
+        f"environment variable {ENV_PREFIX}<FLAG_NAME> (e.g. {ENV_PREFIX}MAX_BATCH_SIZE); flags win.",
+    )
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "" if field.is_required() else f" (default: {default or 'unset'})"
+        parser.add_argument(
+            flag_name(name),
+            dest=name,
+            default=argparse.SUPPRESS,  # unset flags fall back to the environment, then the default
+            help=f"{field.description}{shown}; env {ENV_PREFIX}{name.upper()}",
+            **_arg_kwargs(field.annotation),
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    try:
+        settings = load_settings(**args)
+    except SettingsError as e:
+        print(f"convserve-serve: {e}", file=sys.stderr)
+        return 2
+
+    import uvicorn  # after argument parsing: --help stays fast
+
+    from model.checkpoint import CheckpointError, read_meta
+    from service.app import create_app
+
+    try:  # the header only: a wrong file fails here in a line, not in a start-up traceback
+        read_meta(settings.checkpoint)
+    except CheckpointError as e:
+        print(f"convserve-serve: cannot serve --checkpoint: {e}", file=sys.stderr)
+        return 2
+
+    app = create_app(settings)
+    # uvicorn re-raises the signal that stopped it after a graceful shutdown, so by default the
+    # process would die "by SIGTERM". The drain has finished by then: make that a clean exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_config=None,  # create_app configured logging (text or JSON)
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.grace_period_s) or 1,
+        server_header=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

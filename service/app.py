@@ -1,0 +1,184 @@
+"""The application factory and its lifespan: load, warm up, serve, drain.
+
+`create_app(settings)` builds the FastAPI app; nothing is read from the environment at import time.
+The lifespan loads the checkpoint on the resolved device, warms up every batch size the batcher will
+use, starts the batcher, and only then reports ready. On SIGTERM /readyz turns 503 while the
+listener stays open for in-flight work (bounded by the grace period), then uvicorn shuts down and the
+lifespan drains the batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from types import FrameType
+
+import torch
+from fastapi import FastAPI
+from PIL import Image
+from starlette.middleware.cors import CORSMiddleware
+
+from model.checkpoint import CheckpointError
+from model.device import resolve_device
+from service import routes
+from service.decode import decode_to_tensor
+from service.errors import ERROR_CODES
+from service.http_errors import REJECTION_REASONS
+from service.logs import configure_logging
+from service.metrics import Metrics
+from service.middleware import InFlight, RequestContextMiddleware
+from service.settings import Settings, load_settings
+from service.state import ServiceState, build_predictor, warm_up
+
+log = logging.getLogger(__name__)
+DESCRIPTION = """Image classification for a convserve checkpoint.
+
+`POST /v1/predict` takes one image as the raw body, one or many multipart files, or
+`{"images": ["<base64>", ...]}`. Every error is `{"error": {"code", "message", "index"?}}`."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    configure_logging(settings.log_format, settings.log_level, settings.access_log)
+    metrics = Metrics()
+    metrics.init_reasons([*ERROR_CODES, *REJECTION_REASONS])
+    in_flight = InFlight()
+    app = FastAPI(title="convserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.in_flight = in_flight
+    routes.install(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    # Added last = outermost: CORS preflights and 404s get a request id and are counted too.
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        endpoints=routes.ENDPOINTS,
+        work=routes.WORK_ENDPOINTS,
+        in_flight=in_flight,
+    )
+    return app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        device = resolve_device(settings.device)
+        predictor = await asyncio.to_thread(build_predictor, settings, device, settings.checkpoint, False)
+    except (CheckpointError, ValueError) as e:
+        log.error("cannot start: %s", e)
+        raise
+    if device.type == "cuda":
+        metrics.watch_gpus([device])
+    state = ServiceState(settings, metrics, device, predictor)
+    app.state.convserve = state
+    # Warm up on the inference thread itself: per-thread state (cuDNN/cuBLAS handles, allocator
+    # streams) is then ready where the model runs, not on a helper thread.
+    try:
+        await state.batcher.call_in_worker(warm_up, predictor, settings.warmup_sizes())
+    except Exception as e:
+        log.error("cannot start: the model failed its warm-up: %s", e)
+        await state.close()
+        raise
+    state.batcher.start()
+    await _warm_decode(state)
+    restore = _drain_on_sigterm(state, app.state.in_flight)
+    state.set_ready(True)
+    log.info(
+        "ready: %s on %s (%s), max batch %d, queue limit %d, %d decode threads, %d torch threads",
+        predictor.name,
+        device,
+        settings.precision,
+        settings.max_batch_size,
+        settings.queue_limit,
+        settings.decode_workers,
+        torch.get_num_threads(),
+    )
+    try:
+        yield
+    finally:
+        state.start_draining()
+        await state.close()
+        restore()
+        log.info("stopped: batcher drained")
+
+
+async def _warm_decode(state: ServiceState) -> None:
+    """Start every decode thread and run a JPEG and a PNG through each, so the first requests do
+    not pay for thread start-up and first-use initialisation (measured: ~0.3 s on the first request)."""
+    pre = state.predictor.preprocess
+    sample = Image.new("RGB", (pre.size * 2, pre.size * 2), (128, 64, 32))
+    blobs = []
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        sample.save(buf, fmt)
+        blobs.append(buf.getvalue())
+    loop = asyncio.get_running_loop()
+    limit = state.settings.max_image_pixels
+    jobs = [
+        loop.run_in_executor(state.decode_pool, decode_to_tensor, blob, pre, limit, None)
+        for _ in range(state.settings.decode_workers)
+        for blob in blobs
+    ]
+    await asyncio.gather(*jobs)
+
+
+def _drain_on_sigterm(state: ServiceState, in_flight: InFlight) -> Callable[[], None]:
+    """Wrap the server's SIGTERM handler: first mark not-ready and let in-flight work finish with the
+    listener still open (a load balancer may still route to us for a moment), then hand over."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):  # not under uvicorn (an in-process test client): nothing to wrap
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    settings = state.settings
+    tasks: set[asyncio.Task[None]] = set()
+    fired = False
+
+    async def drain(sig: int, frame: FrameType | None) -> None:
+        state.start_draining()
+        log.info("SIGTERM: /readyz now 503; finishing %d in-flight request(s)", in_flight.count)
+        await asyncio.sleep(settings.drain_delay_s)
+        deadline = loop.time() + settings.grace_period_s
+        while (in_flight.count or state.batcher.depth or state.batcher.busy) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        previous(sig, frame)  # uvicorn: stop accepting, close idle connections, run lifespan shutdown
+
+    def on_sigterm(sig: int, frame: FrameType | None) -> None:
+        nonlocal fired
+        if fired:  # a second SIGTERM: stop waiting
+            previous(sig, frame)
+            return
+        fired = True
+
+        def start() -> None:
+            task = loop.create_task(drain(sig, frame))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        loop.call_soon_threadsafe(start)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore

@@ -1,0 +1,132 @@
+"""Prometheus metrics on the app's own CollectorRegistry (never the global one: tests start many apps).
+
+The names are a contract with the deploy dashboards and alerts; see docs/service.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+STAGES = ("decode", "queue", "inference", "response")
+
+
+class _GpuMemoryCollector(Collector):
+    """Read at scrape time: device-wide used/total bytes as the driver reports them."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        self.devices = devices
+
+    def collect(self) -> Iterable[Metric]:
+        used = GaugeMetricFamily(
+            "convserve_gpu_memory_used_bytes",
+            "GPU memory in use on the device (all processes)",
+            labels=["device"],
+        )
+        total = GaugeMetricFamily(
+            "convserve_gpu_memory_total_bytes", "GPU memory on the device", labels=["device"]
+        )
+        for dev in self.devices:
+            free, size = torch.cuda.mem_get_info(dev)
+            used.add_metric([str(dev)], float(size - free))
+            total.add_metric([str(dev)], float(size))
+        yield used
+        yield total
+
+
+class Metrics:
+    def __init__(self) -> None:
+        # No `_created` series: they double the series count and dashboards here never use them.
+        disable_created_metrics()
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        self.requests = Counter(
+            "convserve_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "convserve_request_duration_seconds",
+            "End-to-end request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "convserve_stage_duration_seconds",
+            "Time per stage: decode and queue per image, inference per batch, response per request",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.stage = {s: self.stage_duration.labels(s) for s in STAGES}
+        self.batch_size = Histogram(
+            "convserve_batch_size", "Images per model batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("convserve_queue_depth", "Images waiting for the model", registry=r)
+        self.queue_limit = Gauge("convserve_queue_limit", "Configured queue limit (images)", registry=r)
+        self.in_flight = Gauge(
+            "convserve_in_flight_requests", "Prediction requests being handled", registry=r
+        )
+        self.rejected = Counter(
+            "convserve_rejected_images", "Images rejected, by reason (the error code)", ["reason"], registry=r
+        )
+        self.predictions = Counter(
+            "convserve_predictions", "Predictions by top-1 label", ["label"], registry=r
+        )
+        self.top1_confidence = Histogram(
+            "convserve_top1_confidence", "Top-1 probability", buckets=CONFIDENCE_BUCKETS, registry=r
+        )
+        self.model_info = Gauge(
+            "convserve_model_info",
+            "The model being served (value is always 1)",
+            ["name", "version", "architecture", "device", "precision"],
+            registry=r,
+        )
+        self.ready = Gauge("convserve_ready", "1 when the service is warmed up and not draining", registry=r)
+        self._label_counters: dict[str, Counter] = {}
+
+    def init_reasons(self, reasons: Iterable[str]) -> None:
+        """Create every reason at 0 so rate() works from the first rejection."""
+        for reason in reasons:
+            self.rejected.labels(reason)
+
+    def watch_queue(self, depth: Callable[[], int], limit: int) -> None:
+        self.queue_depth.set_function(lambda: float(depth()))
+        self.queue_limit.set(limit)
+
+    def set_model(
+        self, name: str, version: str, arch: str, device: str, precision: str, labels: list[str]
+    ) -> None:
+        self.model_info.clear()
+        self.model_info.labels(name, version, arch, device, precision).set(1)
+        # Per-label series are bounded by the class count; a model with other labels starts afresh.
+        known = set(self.predictions._metrics)
+        wanted = {(label,) for label in labels}
+        if known != wanted:
+            self.predictions.clear()
+            for label in labels:
+                self.predictions.labels(label)
+
+    def watch_gpus(self, devices: list[torch.device]) -> None:
+        self.registry.register(_GpuMemoryCollector(devices))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,217 @@
+"""The model on its device: uint8 image tensors in, probabilities and top-k predictions out.
+
+After construction and warm-up, a Predictor's model is only touched from the batcher's single
+inference thread (`run`), so no lock is needed around it. A reload builds a new Predictor beside the
+old one (warming it in another thread) and swaps the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import CheckpointError, Loaded, load_checkpoint
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class Job:
+    """One decoded image on its way through the batcher."""
+
+    image: torch.Tensor  # (C, H, W) uint8, on the CPU
+    top_k: int
+    all_probs: bool
+    predictor: Predictor  # the model whose preprocessing produced `image`
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(slots=True)
+class JobResult:
+    predictions: list[dict[str, Any]]
+    probabilities: list[float] | None
+    queue_s: float
+    inference_s: float
+    batch_size: int
+    top1_label: str
+    top1_probability: float
+    model: dict[str, str]  # the model that answered (a reload may land between decode and inference)
+
+
+def _optimise(
+    model: torch.nn.Module, mode: str, example: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    if mode == "compile":  # one graph per batch size, all built during warm-up (dynamic=False is fastest)
+        return torch.compile(model, dynamic=False)
+    if mode == "trace":
+        # Frozen TorchScript folds batch-norm into the convolutions and, on the CPU, picks oneDNN
+        # layouts. torch.jit is deprecated in favour of torch.compile but needs no compiler at
+        # start-up; its FutureWarnings are expected here.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(model, example)
+            optimised: Callable[[torch.Tensor], torch.Tensor] = torch.jit.optimize_for_inference(
+                torch.jit.freeze(traced)
+            )
+        return optimised
+    return model
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Predictor:
+    def __init__(
+        self,
+        loaded: Loaded,
+        device: torch.device,
+        *,
+        precision: str = "fp32",
+        channels_last: str = "auto",
+        compile: str = "off",
+        max_batch_size: int = 1,
+    ) -> None:
+        self.meta = loaded.meta
+        self.preprocess = loaded.preprocess
+        self.path = loaded.path
+        self.labels = list(loaded.meta.labels)
+        self.name = loaded.meta.name or loaded.path.stem
+        self.version = loaded.meta.version
+        self.sha256 = file_sha256(loaded.path)
+        self.ref = {"name": self.name, "version": self.version, "sha256": self.sha256}
+        self.device = device
+        self.precision = precision
+        self.dtype = DTYPES[precision]
+        if device.type == "cpu" and precision == "fp16":
+            log.warning("precision fp16 on the CPU is usually slower than fp32; bf16 is the CPU's half type")
+        if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise CheckpointError(f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}")
+        # channels_last measured faster for our CNNs on both oneDNN (CPU) and cuDNN (tensor cores).
+        self.channels_last = channels_last != "off"
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        model = loaded.model.to(device=device, dtype=self.dtype).to(memory_format=fmt).eval()
+        c, h, w = self.preprocess.input_shape
+        self.input_shape = (c, h, w)
+        example = torch.zeros((1, c, h, w), dtype=self.dtype, device=device).contiguous(memory_format=fmt)
+        self.model = _optimise(model, compile, example)
+        self.compile = compile
+        self._cuda = device.type == "cuda"
+        if self._cuda:
+            # A pinned staging buffer makes the host->device copy asynchronous; a side stream lets it
+            # overlap whatever is still running on the compute stream.
+            self._pinned = torch.empty((max_batch_size, c, h, w), dtype=torch.uint8).pin_memory()
+            self._copy_stream = torch.cuda.Stream(device)
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, **kwargs: Any) -> Predictor:
+        return cls(load_checkpoint(path), device, **kwargs)
+
+    # ---- the hot path (inference thread only) -------------------------------------------------------
+    def _to_device(self, images: list[torch.Tensor]) -> torch.Tensor:
+        if not self._cuda:
+            return torch.stack(images)  # (B, C, H, W) uint8
+        n = len(images)
+        if n <= self._pinned.shape[0]:
+            host = torch.stack(images, out=self._pinned[:n])
+        else:  # a warm-up or reload larger than the configured batch
+            host = torch.stack(images).pin_memory()
+        with torch.cuda.stream(self._copy_stream):
+            batch = host.to(self.device, non_blocking=True)
+        torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+        batch.record_stream(torch.cuda.current_stream(self.device))
+        return batch
+
+    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(C, H, W) uint8 tensors -> (B, classes) float32 probabilities on the CPU."""
+        with torch.inference_mode():
+            batch = self._to_device(images)
+            x = self.preprocess.normalize(batch, self.dtype)  # (B, C, H, W) on the device
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = self.model(x)
+            # .cpu() synchronises with the device, so the pinned buffer is free again afterwards.
+            return logits.float().softmax(dim=-1).cpu()
+
+    def run(self, jobs: list[Job]) -> list[JobResult]:
+        start = time.perf_counter()
+        probs = self.forward([j.image for j in jobs])  # (B, classes)
+        inference_s = time.perf_counter() - start
+        k = max(j.top_k for j in jobs)
+        top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
+        top_p_rows, top_i_rows = top_p.tolist(), top_i.tolist()
+        labels = self.labels
+        results = []
+        for job, ps, idx in zip(jobs, top_p_rows, top_i_rows, strict=True):
+            preds = [
+                {"label": labels[i], "index": i, "probability": p}
+                for p, i in zip(ps[: job.top_k], idx[: job.top_k], strict=True)
+            ]
+            results.append(
+                JobResult(
+                    predictions=preds,
+                    probabilities=None,
+                    queue_s=start - job.enqueued,
+                    inference_s=inference_s,
+                    batch_size=len(jobs),
+                    top1_label=labels[idx[0]],
+                    top1_probability=ps[0],
+                    model=self.ref,
+                )
+            )
+        for row, (job, res) in enumerate(zip(jobs, results, strict=True)):
+            if job.all_probs:
+                res.probabilities = probs[row].tolist()
+        return results
+
+    # ---- set-up ---------------------------------------------------------------------------------------
+    def warmup(self, sizes: list[int]) -> float:
+        """Run each batch size once (allocator, cuDNN/oneDNN algorithm choice); returns seconds."""
+        start = time.perf_counter()
+        blank = torch.zeros(self.input_shape, dtype=torch.uint8)
+        for n in sizes:
+            probs = self.forward([blank] * n)
+            if not torch.isfinite(probs).all():
+                raise CheckpointError(f"{self.path}: the model produced NaN/inf on a blank warm-up batch")
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def model_ref(self) -> dict[str, str]:
+        return dict(self.ref)
+
+    def describe(self) -> dict[str, Any]:
+        c, h, w = self.input_shape
+        return {
+            "name": self.name,
+            "version": self.version,
+            "architecture": self.meta.arch,
+            "num_classes": len(self.labels),
+            "classes": self.labels,
+            "input_size": {"channels": c, "height": h, "width": w},
+            "preprocessing": self.preprocess.to_dict(),
+            "checkpoint": {
+                "path": str(self.path),
+                "sha256": self.sha256,
+                "weights_sha256": self.meta.weights_sha256,
+                "format_version": self.meta.format_version,
+            },
+            "training": self.meta.training,
+            "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "compile": self.compile,
+        }

@@ -1,0 +1,96 @@
+"""POST /v1/model/reload: swap in a checkpoint without dropping a request (admin key required)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from starlette.requests import Request
+
+from model.checkpoint import CheckpointError
+from service.errors import ImageError
+from service.http_errors import ServiceError
+from service.state import get_state
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["admin"])
+_MAX_BODY = 64 * 1024
+
+RELOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "description": "Optional; without a body the configured checkpoint path is reloaded.",
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "properties": {"checkpoint": {"type": "string"}}},
+                "example": {"checkpoint": "runs/v2/model.safetensors"},
+            }
+        },
+    }
+}
+
+
+def _authorise(key: str | None, given: str | None) -> None:
+    if key is None:
+        raise ServiceError("reload_disabled", "reload is disabled: set CONVSERVE_ADMIN_API_KEY to enable it")
+    if not given:
+        raise ServiceError("unauthorized", "send the admin key in the X-API-Key header")
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise ServiceError("forbidden", "the X-API-Key header does not match the admin key")
+
+
+async def _checkpoint_path(request: Request, default: Path) -> Path:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_BODY:
+            raise ImageError("payload_too_large", f"a reload body is at most {_MAX_BODY} bytes", 413)
+    if not body.strip():
+        return default
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ImageError("bad_request", f"the body is not valid JSON: {e}", 400) from None
+    path = doc.get("checkpoint") if isinstance(doc, dict) else None
+    if path is None and isinstance(doc, dict) and not doc:
+        return default
+    if not isinstance(path, str) or not path:
+        raise ImageError("bad_request", 'the body must be {"checkpoint": "path/to/model.safetensors"}', 400)
+    return Path(path)
+
+
+@router.post(
+    "/v1/model/reload",
+    summary="Load, validate and warm a checkpoint, then swap it in",
+    openapi_extra=RELOAD_BODY,
+)
+async def reload_model(
+    request: Request, x_api_key: Annotated[str | None, Header(description="the admin API key")] = None
+) -> dict[str, Any]:
+    st = get_state(request)
+    key = st.settings.admin_api_key
+    _authorise(key.get_secret_value() if key else None, x_api_key)
+    path = await _checkpoint_path(request, st.settings.checkpoint)
+    if st.reload_lock.locked():
+        raise ServiceError("reload_in_progress", "another reload is running")
+    start = time.perf_counter()
+    try:
+        old, new = await st.reload(path)
+    except CheckpointError as e:
+        log.warning("reload refused, still serving %s: %s", st.predictor.name, e)
+        raise ServiceError("invalid_checkpoint", f"{e} (still serving the previous model)") from None
+    took = time.perf_counter() - start
+    log.info(
+        "reloaded: %s (%s) -> %s (%s) in %.2fs", old.name, old.sha256[:12], new.name, new.sha256[:12], took
+    )
+    return {
+        "model": new.model_ref(),
+        "previous": old.model_ref(),
+        "checkpoint": str(path),
+        "reload_ms": round(took * 1000, 1),
+    }

@@ -1,0 +1,78 @@
+"""Exceptions -> the JSON error shape `{"error": {"code", "message", "index"?, "request_id"}}`.
+
+HTTP status codes live here and in the routes only; the rest of the service raises typed errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from service.errors import ImageError
+from service.http_errors import REJECTION_REASONS, ServiceError
+from service.middleware import error_body
+from service.state import get_state
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_PREDICT = "/v1/predict"
+
+
+def _request_id(request: Request) -> str | None:
+    rid: str | None = request.scope.get("state", {}).get("request_id")
+    return rid
+
+
+def error_response(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, _request_id(request)), status_code=status, headers=headers)
+
+
+def _count(request: Request, reason: str) -> None:
+    get_state(request).metrics.rejected.labels(reason).inc()
+
+
+async def on_image_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ImageError)
+    if request.url.path == _PREDICT:
+        _count(request, exc.code)
+    return JSONResponse(
+        error_body(exc.code, exc.message, _request_id(request), exc.index), status_code=exc.status
+    )
+
+
+async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    if exc.code in REJECTION_REASONS and request.url.path == _PREDICT:
+        get_state(request).metrics.rejected.labels(exc.code).inc(exc.images)
+    return error_response(request, exc.status, exc.code, exc.message, exc.headers)
+
+
+async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path", "header"))
+        problems.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
+    if request.url.path == _PREDICT:
+        _count(request, "invalid_parameter")
+    return error_response(request, 422, "invalid_parameter", "; ".join(problems) or "invalid request")
+
+
+async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    headers: dict[str, Any] | None = getattr(exc, "headers", None)
+    return error_response(request, exc.status_code, code, str(exc.detail), headers)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ImageError, on_image_error)
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_exception)

@@ -1,0 +1,33 @@
+"""Liveness, readiness and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from service.routes.handlers import error_response
+from service.state import get_state
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/readyz", summary="Readiness: model loaded and warmed up, not draining")
+async def readyz(request: Request) -> JSONResponse:
+    st = get_state(request)
+    if st.draining:
+        return error_response(request, 503, "shutting_down", "draining after SIGTERM; send no new work")
+    if not st.ready:
+        return error_response(request, 503, "not_ready", "the model is still loading or warming up")
+    return JSONResponse({"status": "ready", "model": st.predictor.model_ref()})
+
+
+@router.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,120 @@
+"""Every setting of the service, from CLI flags or `CONVSERVE_*` environment variables.
+
+Built once in `create_app` (never at import), so tests and the CLI can pass their own. A bad value
+stops start-up with a message that names the setting and its environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "CONVSERVE_"
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names it (flag and environment variable) and the fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    checkpoint: Path = Field(description="the .safetensors checkpoint to serve")
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="inference dtype")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="channels_last memory format; auto turns it on where it is faster"
+    )
+    compile: Literal["off", "trace", "compile"] = Field(
+        "off",
+        description="off (eager), trace (jit trace + freeze + optimize_for_inference: folds batch-norm) "
+        "or compile (torch.compile, one graph per warmed-up batch size)",
+    )
+    max_batch_size: int = Field(16, ge=1, le=1024, description="largest batch the model runs")
+    max_batch_wait_ms: float = Field(
+        2.0, ge=0, le=10_000, description="how long a batch already forming may wait to fill up"
+    )
+    queue_limit: int = Field(256, ge=1, description="images waiting for the model; beyond it 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (413)")
+    max_images_per_request: int = Field(64, ge=1, description="images in one multipart/JSON request")
+    default_top_k: int = Field(5, ge=1, le=1000, description="predictions returned when top_k is absent")
+    decode_threads: int = Field(0, ge=0, description="image decode threads; 0 = one per CPU core")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")
+    warmup: Literal["all", "pow2", "max"] = Field(
+        "all", description="batch sizes warmed up before ready: every size, powers of two, or max only"
+    )
+    admin_api_key: SecretStr | None = Field(
+        None, description="X-API-Key for /v1/model/reload; unset disables it"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated allowed CORS origins (* for any)"
+    )
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    access_log: bool = Field(False, description="uvicorn access log (one line per request)")
+    drain_delay_s: float = Field(
+        0.0, ge=0, description="after SIGTERM, keep serving with /readyz 503 this long before closing"
+    )
+    grace_period_s: float = Field(30.0, gt=0, description="after SIGTERM, longest wait for in-flight work")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_is_file(cls, v: Path) -> Path:
+        if not v.is_file():
+            raise ValueError(f"no checkpoint file at {v} (export one: python -m training export ...)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v: str) -> str:
+        v = v.strip().lower()
+        if not _DEVICE_RE.match(v):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @property
+    def decode_workers(self) -> int:
+        return self.decode_threads or os.cpu_count() or 1
+
+    def warmup_sizes(self) -> list[int]:
+        """Batch sizes run once before ready, so the first real batch of each size is not slow."""
+        top = self.max_batch_size
+        if self.warmup == "max":
+            return [top]
+        if self.warmup == "pow2":
+            sizes = [1 << i for i in range(top.bit_length()) if (1 << i) < top]
+            return [*sizes, top]
+        return list(range(1, top + 1))
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings (env + overrides) or raise SettingsError naming every bad setting."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            lines.append(f"setting {name} ({flag_name(name)} / {ENV_PREFIX}{name.upper()}): {err['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

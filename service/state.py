@@ -1,0 +1,142 @@
+"""What one running service holds: settings, metrics, the current predictor, batcher and decode pool.
+
+The batcher's batch function reads `self.predictor` for every batch, so a reload is one reference
+assignment: batches already running finish on the old model, the next batch uses the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from starlette.requests import Request
+
+from model.checkpoint import CheckpointError
+from service.batching import DynamicBatcher
+from service.metrics import Metrics
+from service.predictor import Job, JobResult, Predictor
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_predictor(settings: Settings, device: torch.device, path: Path, warm: bool = True) -> Predictor:
+    """Load and validate a checkpoint, and warm it up unless the caller does that elsewhere.
+    Runs off the event loop; a model being served is untouched."""
+    predictor = Predictor.load(
+        path,
+        device,
+        precision=settings.precision,
+        channels_last=settings.channels_last,
+        compile=settings.compile,
+        max_batch_size=settings.max_batch_size,
+    )
+    log.info(
+        "loaded %s (%s, %d classes, sha256 %s) from %s on %s/%s",
+        predictor.name,
+        predictor.meta.arch,
+        len(predictor.labels),
+        predictor.sha256[:12],
+        path,
+        device,
+        predictor.precision,
+    )
+    if warm:
+        warm_up(predictor, settings.warmup_sizes())
+    return predictor
+
+
+def warm_up(predictor: Predictor, sizes: list[int]) -> None:
+    took = predictor.warmup(sizes)
+    log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
+
+
+class ServiceState:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, device: torch.device, predictor: Predictor
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.device = device
+        self.predictor = predictor
+        self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        self.batcher: DynamicBatcher[Job, JobResult] = DynamicBatcher(
+            self.run_batch,
+            max_size=settings.max_batch_size,
+            max_wait_s=settings.max_batch_wait_ms / 1000.0,
+            limit=settings.queue_limit,
+            name="inference",
+        )
+        self.reload_lock = asyncio.Lock()
+        self.ready = False
+        self.draining = False
+        metrics.watch_queue(lambda: self.batcher.depth, settings.queue_limit)
+        self._publish_model()
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.metrics.ready.set(1 if ready and not self.draining else 0)
+
+    def start_draining(self) -> None:
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    # ---- inference thread ---------------------------------------------------------------------------
+    def run_batch(self, jobs: list[Job]) -> list[JobResult]:
+        """Batch function (inference thread). Jobs decoded for a model whose preprocessing differs
+        from the current one (a reload changed the input size) finish on the model they were made for."""
+        current = self.predictor
+        groups: dict[int, tuple[Predictor, list[int]]] = {}
+        for i, job in enumerate(jobs):
+            p = (
+                current
+                if job.predictor is current or job.predictor.preprocess == current.preprocess
+                else job.predictor
+            )
+            groups.setdefault(id(p), (p, []))[1].append(i)
+        results: list[JobResult | None] = [None] * len(jobs)
+        start = time.perf_counter()
+        for predictor, rows in groups.values():
+            try:
+                out = predictor.run([jobs[i] for i in rows])
+            except Exception:
+                log.exception("inference failed for a batch of %d image(s) on %s", len(rows), predictor.name)
+                raise
+            for i, r in zip(rows, out, strict=True):
+                results[i] = r
+        m = self.metrics
+        m.stage["inference"].observe(time.perf_counter() - start)
+        m.batch_size.observe(len(jobs))
+        return [r for r in results if r is not None]
+
+    # ---- reload ------------------------------------------------------------------------------------------
+    async def reload(self, path: Path) -> tuple[Predictor, Predictor]:
+        """Swap in a new model; raises CheckpointError and keeps the old one when it does not load."""
+        async with self.reload_lock:
+            try:
+                new = await asyncio.to_thread(build_predictor, self.settings, self.device, path)
+            except CheckpointError:
+                raise
+            except Exception as e:  # warm-up failed: the file loaded but the model cannot run
+                log.warning("reload of %s failed", path, exc_info=True)
+                raise CheckpointError(f"{path}: the model failed its warm-up: {e}") from None
+            old, self.predictor = self.predictor, new
+            self._publish_model()
+            return old, new
+
+    def _publish_model(self) -> None:
+        p = self.predictor
+        self.metrics.set_model(p.name, p.version, p.meta.arch, str(p.device), p.precision, p.labels)
+
+    async def close(self) -> None:
+        await self.batcher.stop(timeout=self.settings.grace_period_s)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.convserve
+    return state

@@ -1,0 +1,30 @@
+"""Assertions shared by the live-server tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TINY_LABELS, LiveServer
+
+MAX_UPLOAD = 256 * 1024  # small limits so the 413 cases are cheap to send
+MAX_PIXELS = 1_000_000
+
+
+def check_predictions(preds: list[dict[str, object]], k: int) -> None:
+    assert len(preds) == k
+    probs = [p["probability"] for p in preds]
+    assert probs == sorted(probs, reverse=True)  # type: ignore[type-var]
+    for p in preds:
+        assert TINY_LABELS[p["index"]] == p["label"]  # type: ignore[index]
+        assert 0.0 <= p["probability"] <= 1.0  # type: ignore[operator]
+
+
+def same(a: list[dict[str, object]], b: list[dict[str, object]]) -> bool:
+    """Equal up to float noise: a batch of several images may round differently from a batch of one."""
+    return [p["index"] for p in a] == [p["index"] for p in b] and all(
+        p["probability"] == pytest.approx(q["probability"], abs=1e-5) for p, q in zip(a, b, strict=True)
+    )
+
+
+def rejected(server: LiveServer, reason: str) -> float:
+    return server.metrics().get(f'convserve_rejected_images_total{{reason="{reason}"}}', 0.0)
