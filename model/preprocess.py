@@ -13,6 +13,7 @@ evaluated on. The pipeline is split in two halves so the server can batch cheapl
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable
@@ -177,9 +178,11 @@ class Preprocess:
     # ---- step 3: normalisation (batched, on the device) ---------------------------------------------
     def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(..., C, H, W) uint8 -> normalised float. Works on CPU or GPU tensors alike."""
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32, device=batch.device)
-        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std, strict=True)], device=batch.device)
-        out = batch.to(torch.float32) * scale.view(-1, 1, 1) - shift.view(-1, 1, 1)
+        # The per-channel constants are built once per device (not per batch), and the arithmetic
+        # runs in place on the one float copy: x * 1/(255 std) - mean/std, in float32 as before.
+        scale, shift = _affine(self.mean, self.std, batch.device)
+        out = batch.to(torch.float32, copy=True)
+        out.mul_(scale).sub_(shift)
         return out.to(dtype)
 
     def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
@@ -230,6 +233,19 @@ class Augment:
     @classmethod
     def none(cls) -> Augment:
         return cls(random_resized_crop=None, hflip=0.0, rotation=0.0, color_jitter=(0.0, 0.0, 0.0, 0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _affine(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, 1, 1) float32 scale and shift for `normalize`, cached per (mean, std, device)."""
+    with torch.inference_mode(False):  # ordinary tensors: usable inside and outside inference mode
+        scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)
+        shift = torch.tensor(
+            [m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32, device=device
+        )
+    return scale.view(-1, 1, 1), shift.view(-1, 1, 1)
 
 
 def _pil_to_uint8(img: Image.Image) -> torch.Tensor:

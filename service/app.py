@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +26,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from model.checkpoint import CheckpointError
 from model.device import resolve_device
-from service import routes
+from service import OMP_POLICY_APPLIED, routes
 from service.decode import decode_to_tensor
 from service.errors import ERROR_CODES
 from service.http_errors import REJECTION_REASONS
@@ -76,8 +77,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.batch_threads)
+    if not OMP_POLICY_APPLIED:
+        log.warning("torch was imported before the service package, so OMP_WAIT_POLICY=PASSIVE is not in "
+                    "effect; set it in the environment to avoid OpenMP spin-waiting")
     try:
         device = resolve_device(settings.device)
         predictor = await asyncio.to_thread(build_predictor, settings, device, settings.checkpoint, False)
@@ -91,7 +94,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Warm up on the inference thread itself: per-thread state (cuDNN/cuBLAS handles, allocator
     # streams) is then ready where the model runs, not on a helper thread.
     try:
-        await state.batcher.call_in_worker(warm_up, predictor, settings.warmup_sizes())
+        await state.batcher.call_in_worker(warm_up, predictor, settings.warmup_sizes(), settings.lone_threads)
     except Exception as e:
         log.error("cannot start: the model failed its warm-up: %s", e)
         await state.close()
@@ -101,14 +104,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     restore = _drain_on_sigterm(state, app.state.in_flight)
     state.set_ready(True)
     log.info(
-        "ready: %s on %s (%s), max batch %d, queue limit %d, %d decode threads, %d torch threads",
+        "ready: %s on %s (%s), max batch %d, queue limit %d, %d decode threads, %d torch threads "
+        "(%d for a lone request), OMP_WAIT_POLICY=%s",
         predictor.name,
         device,
         settings.precision,
         settings.max_batch_size,
         settings.queue_limit,
         settings.decode_workers,
-        torch.get_num_threads(),
+        settings.batch_threads,
+        state.lone_threads,
+        os.environ.get("OMP_WAIT_POLICY", "unset"),
     )
     try:
         yield

@@ -6,10 +6,11 @@ status and add `X-Request-ID`, with no extra task or body copy per request.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,6 +19,19 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 _MAX_ID = 200
+
+
+class RequestIds:
+    """32 hex characters: a random per-process prefix and a counter. Unique like a uuid4 for
+    correlating logs across replicas, without reading os.urandom on every request (uuid4 was ~3% of
+    the event loop's time under load)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def client_request_id(raw: bytes | None) -> str | None:
@@ -58,6 +72,7 @@ class RequestContextMiddleware:
         self.endpoints = endpoints  # label values are bounded: unknown paths count as "other"
         self.work = work  # endpoints counted in convserve_in_flight_requests
         self._children: dict[tuple[str, int], Any] = {}
+        self._ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,7 +84,7 @@ class RequestContextMiddleware:
             if name == b"x-request-id":
                 rid = client_request_id(value)
                 break
-        rid = rid or uuid.uuid4().hex
+        rid = rid or self._ids.next()
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode("ascii"))
         status = 500

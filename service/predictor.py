@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 
 from model.checkpoint import CheckpointError, Loaded, load_checkpoint
+from service.optimize import allow_graphs, bucket, fold_batchnorm, optimise
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,25 +46,6 @@ class JobResult:
     model: dict[str, str]  # the model that answered (a reload may land between decode and inference)
 
 
-def _optimise(
-    model: torch.nn.Module, mode: str, example: torch.Tensor
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    if mode == "compile":  # one graph per batch size, all built during warm-up (dynamic=False is fastest)
-        return torch.compile(model, dynamic=False)
-    if mode == "trace":
-        # Frozen TorchScript folds batch-norm into the convolutions and, on the CPU, picks oneDNN
-        # layouts. torch.jit is deprecated in favour of torch.compile but needs no compiler at
-        # start-up; its FutureWarnings are expected here.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            traced = torch.jit.trace(model, example)
-            optimised: Callable[[torch.Tensor], torch.Tensor] = torch.jit.optimize_for_inference(
-                torch.jit.freeze(traced)
-            )
-        return optimised
-    return model
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -84,6 +64,7 @@ class Predictor:
         channels_last: str = "auto",
         compile: str = "off",
         max_batch_size: int = 1,
+        fold_bn: bool = True,
     ) -> None:
         self.meta = loaded.meta
         self.preprocess = loaded.preprocess
@@ -103,12 +84,22 @@ class Predictor:
         # channels_last measured faster for our CNNs on both oneDNN (CPU) and cuDNN (tensor cores).
         self.channels_last = channels_last != "off"
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        model = loaded.model.to(device=device, dtype=self.dtype).to(memory_format=fmt).eval()
         c, h, w = self.preprocess.input_shape
         self.input_shape = (c, h, w)
+        model: torch.nn.Module = loaded.model
+        self.fold_diff: float | None = None
+        if fold_bn:
+            model, self.fold_diff = fold_batchnorm(model, self.input_shape)
+        self.folded_bn = model is not loaded.model
+        model = model.to(device=device, dtype=self.dtype)
+        model = model.to(memory_format=fmt).eval()
         example = torch.zeros((1, c, h, w), dtype=self.dtype, device=device).contiguous(memory_format=fmt)
-        self.model = _optimise(model, compile, example)
+        self.model = optimise(model, compile, example)
         self.compile = compile
+        # trace/compile specialise on the batch size: every batch is padded up to a warmed-up size
+        # (set by `warmup`), so no graph is ever built on the request path. Eager runs any size.
+        self.buckets: list[int] = []
+        self._blank = torch.zeros(self.input_shape, dtype=torch.uint8)
         self._cuda = device.type == "cuda"
         if self._cuda:
             # A pinned staging buffer makes the host->device copy asynchronous; a side stream lets it
@@ -137,6 +128,15 @@ class Predictor:
 
     def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(C, H, W) uint8 tensors -> (B, classes) float32 probabilities on the CPU."""
+        if self.buckets:
+            n, size = len(images), bucket(len(images), self.buckets)
+            if n > size:  # larger than any bucket: run it in bucket-sized pieces
+                return torch.cat([self.forward(images[i : i + size]) for i in range(0, n, size)])
+            if n < size:  # zero images fill the bucket; their rows are dropped below
+                return self._forward([*images, *[self._blank] * (size - n)])[:n]
+        return self._forward(images)
+
+    def _forward(self, images: list[torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
             batch = self._to_device(images)
             x = self.preprocess.normalize(batch, self.dtype)  # (B, C, H, W) on the device
@@ -181,13 +181,16 @@ class Predictor:
     def warmup(self, sizes: list[int]) -> float:
         """Run each batch size once (allocator, cuDNN/oneDNN algorithm choice); returns seconds."""
         start = time.perf_counter()
-        blank = torch.zeros(self.input_shape, dtype=torch.uint8)
+        if self.compile != "off":
+            allow_graphs(len(sizes))
         for n in sizes:
-            probs = self.forward([blank] * n)
+            probs = self._forward([self._blank] * n)
             if not torch.isfinite(probs).all():
                 raise CheckpointError(f"{self.path}: the model produced NaN/inf on a blank warm-up batch")
         if self._cuda:
             torch.cuda.synchronize(self.device)
+        if self.compile != "off":
+            self.buckets = sorted(set(sizes))
         return time.perf_counter() - start
 
     def model_ref(self) -> dict[str, str]:
@@ -214,4 +217,5 @@ class Predictor:
             "precision": self.precision,
             "channels_last": self.channels_last,
             "compile": self.compile,
+            "batchnorm_folded": self.folded_bn,
         }

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         description="off (eager), trace (jit trace + freeze + optimize_for_inference: folds batch-norm) "
         "or compile (torch.compile, one graph per warmed-up batch size)",
     )
+    fold_batchnorm: bool = Field(
+        True,
+        description="fold batch-norm into the preceding convolutions at load (checked against the "
+        "unfolded model on a probe batch; --no-fold-batchnorm keeps the model as trained)",
+    )
     max_batch_size: int = Field(16, ge=1, le=1024, description="largest batch the model runs")
     max_batch_wait_ms: float = Field(
         2.0, ge=0, le=10_000, description="how long a batch already forming may wait to fill up"
@@ -49,9 +54,14 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1, description="images in one multipart/JSON request")
     default_top_k: int = Field(5, ge=1, le=1000, description="predictions returned when top_k is absent")
     decode_threads: int = Field(0, ge=0, description="image decode threads; 0 = one per CPU core")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads; 0 = auto: batches use cores-1 (at least 1), leaving a core "
+        "to decoding, and a lone request with nothing queued uses every core",
+    )
     warmup: Literal["all", "pow2", "max"] = Field(
-        "all", description="batch sizes warmed up before ready: every size, powers of two, or max only"
+        "pow2", description="batch sizes warmed up before ready: every size, powers of two, or max only"
     )
     admin_api_key: SecretStr | None = Field(
         None, description="X-API-Key for /v1/model/reload; unset disables it"
@@ -91,7 +101,18 @@ class Settings(BaseSettings):
 
     @property
     def decode_workers(self) -> int:
-        return self.decode_threads or os.cpu_count() or 1
+        return self.decode_threads or usable_cores()
+
+    @property
+    def batch_threads(self) -> int:
+        """Intra-op threads for a batch. Measured on 2 cores (docs/benchmarks.md): inference threads
+        that share every core with the decode threads stall each other, so auto keeps one core free."""
+        return self.torch_threads or max(1, usable_cores() - 1)
+
+    @property
+    def lone_threads(self) -> int:
+        """Intra-op threads for a lone image with nothing queued: the decoders are idle, use them all."""
+        return self.torch_threads or usable_cores()
 
     def warmup_sizes(self) -> list[int]:
         """Batch sizes run once before ready, so the first real batch of each size is not slow."""
@@ -102,6 +123,14 @@ class Settings(BaseSettings):
             sizes = [1 << i for i in range(top.bit_length()) if (1 << i) < top]
             return [*sizes, top]
         return list(range(1, top + 1))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def flag_name(field: str) -> str:

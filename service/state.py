@@ -34,6 +34,7 @@ def build_predictor(settings: Settings, device: torch.device, path: Path, warm: 
         channels_last=settings.channels_last,
         compile=settings.compile,
         max_batch_size=settings.max_batch_size,
+        fold_bn=settings.fold_batchnorm,
     )
     log.info(
         "loaded %s (%s, %d classes, sha256 %s) from %s on %s/%s",
@@ -46,12 +47,21 @@ def build_predictor(settings: Settings, device: torch.device, path: Path, warm: 
         predictor.precision,
     )
     if warm:
-        warm_up(predictor, settings.warmup_sizes())
+        warm_up(predictor, settings.warmup_sizes(), settings.lone_threads)
     return predictor
 
 
-def warm_up(predictor: Predictor, sizes: list[int]) -> None:
+def warm_up(predictor: Predictor, sizes: list[int], lone_threads: int) -> None:
+    """Warm every batch size with the batch thread count, and a lone image with `lone_threads` too
+    (oneDNN builds its kernels per thread count). Run it on the thread that will run the model."""
     took = predictor.warmup(sizes)
+    batch_threads = torch.get_num_threads()
+    if lone_threads != batch_threads:
+        torch.set_num_threads(lone_threads)
+        try:
+            took += predictor.warmup([1])
+        finally:
+            torch.set_num_threads(batch_threads)
     log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
 
 
@@ -72,6 +82,10 @@ class ServiceState:
             name="inference",
         )
         self.reload_lock = asyncio.Lock()
+        # A lone image (batch of one, nothing queued) may use every core: the decode threads are idle
+        # then, and one client's latency should not pay for the cores kept free for decoding.
+        self.batch_threads = settings.batch_threads
+        self.lone_threads = settings.lone_threads
         self.ready = False
         self.draining = False
         metrics.watch_queue(lambda: self.batcher.depth, settings.queue_limit)
@@ -99,6 +113,10 @@ class ServiceState:
             )
             groups.setdefault(id(p), (p, []))[1].append(i)
         results: list[JobResult | None] = [None] * len(jobs)
+        lone = len(jobs) == 1 and self.batcher.depth == 0
+        threads = self.lone_threads if lone else self.batch_threads
+        if threads != torch.get_num_threads():  # per-thread OpenMP setting: cheap, no pool rebuild
+            torch.set_num_threads(threads)
         start = time.perf_counter()
         for predictor, rows in groups.values():
             try:
