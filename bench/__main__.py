@@ -1,0 +1,125 @@
+"""`python -m bench [--out FILE] [--quick] ...` and `python -m bench soak ...`.
+
+The full run takes about 15-20 minutes on 2 cores; `--quick` a few seconds' worth of load (about half
+a minute in all, mostly server start-up). Results: a Markdown report at --out and the raw numbers
+beside it (same name, .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import inputs, report, run, soak
+
+log = logging.getLogger("bench")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="Markdown report to write (raw JSON beside it)")
+    p.add_argument("--inputs", type=Path, help="folder for the generated images (reused when it matches)")
+    p.add_argument("--workdir", type=Path, help="checkpoints and server logs (default: a temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, checkpoints)")
+    p.add_argument("--seed", type=int, default=0, help="input generator seed")
+    p.add_argument("--torch-threads", type=int, default=0, help="0: the service's default")
+    p.add_argument("--decode-threads", type=int, default=0, help="0: the service's default (one per core)")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, help="CONVSERVE_MAX_BATCH_WAIT_MS (default: service's)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra service setting, e.g. --env warmup=pow2 (repeatable)")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("run", help="every scenario (the default command)")
+    _common(r)
+    r.add_argument("--quick", action="store_true", help="the small model only, a few seconds of load")
+    r.add_argument("--rounds", type=int, help="alternating rounds per scenario (default 5, quick 1)")
+    r.add_argument("--scale", type=float, default=1.0, help="multiply every request count")
+    r.add_argument("--only", help="comma-separated scenario keys (resnet18-640, mobilenet-640, "
+                                  "resnet18-4000, convnet-64, modes-convnet, modes-resnet18)")
+    r.add_argument("--no-variants", action="store_true", help="skip the bf16/compile comparison")
+    r.add_argument("--trained-checkpoint", type=Path, help="for agreement (default runs/default/...)")
+    s = sub.add_parser("soak", help="20,000 requests against one service; RSS growth")
+    _common(s)
+    s.add_argument("--requests", type=int, default=20_000)
+    s.add_argument("--arch", default="mobilenet_v3_small")
+    s.add_argument("--image-set", default="photo640", choices=sorted(inputs.SETS))
+    s.add_argument("--concurrency", default="16,64", help="comma-separated; alternates per 1000 requests")
+    if not argv or argv[0] not in ("run", "soak", "-h", "--help"):
+        argv = ["run", *argv]
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    # The service sets OMP_WAIT_POLICY=PASSIVE for itself (service/__init__.py); the baseline and the
+    # in-process bound inherit this process's environment, so they get the same OpenMP wait policy and
+    # the comparison is about serving, not about one libgomp variable (spinning costs them up to 9x
+    # on a shared 2-core machine). An explicit value in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
+    temp = Path(tempfile.mkdtemp(prefix="convserve-bench-"))
+    workdir = args.workdir or temp
+    ok = False
+    try:
+        quick = getattr(args, "quick", False)
+        sets = inputs.generate(args.inputs or temp / "inputs", args.seed, quick=quick)
+        extra = dict(kv.split("=", 1) for kv in args.env)
+        bs = run.BenchSettings(args.torch_threads, args.decode_threads, args.max_batch_size,
+                               args.batch_wait_ms, extra_env=extra)
+        machine = report.machine_info()
+        settings = {"max_batch_size": bs.max_batch_size,
+                    "torch_threads": bs.torch_threads or (
+                        f"service auto, bound {bs.bound_torch_threads} (the service's batch threads), "
+                        "baseline torch's default"),
+                    "decode_threads": bs.decode_threads or "default (cores)",
+                    "max_batch_wait_ms": bs.batch_wait_ms if bs.batch_wait_ms is not None else "default",
+                    **extra,
+                    # inherited by every server process; decides how torch's OpenMP threads wait
+                    "env OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset")}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.command == "soak":
+            ckpt = run.make_checkpoint(args.arch, 1000 if args.arch != "convnet" else 10,
+                                       workdir / "checkpoints" / f"{args.arch}.safetensors")
+            concs = [int(c) for c in args.concurrency.split(",")]
+            res = soak.soak(ckpt, sets[args.image_set], bs.service_env(), workdir / "logs", args.requests,
+                            concs)
+            text = soak.render(res, f"{args.arch}, {args.image_set}", command)
+            text += "\nSettings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + "\n"
+            args.out.write_text(text)
+            args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "soak": res}, indent=1))
+        else:
+            bs.rounds = args.rounds or (1 if quick else 5)
+            bs.scale = args.scale
+            settings["rounds"] = bs.rounds
+            settings["scale"] = bs.scale
+            only = args.only.split(",") if args.only else None
+            results = run.run_all(sets, workdir, bs, quick, only, args.trained_checkpoint,
+                                  variants=not args.no_variants)
+            args.out.write_text(report.render(results, machine, settings, command))
+            args.out.with_suffix(".json").write_text(
+                json.dumps({"machine": machine, "settings": settings, "results": results}, indent=1))
+        log.info("wrote %s", args.out)
+        ok = True
+    finally:
+        if ok and not args.keep:
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            log.info("kept %s (logs and checkpoints)", temp)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""`python -m bench`: every scenario, the in-process bounds, precision/compile modes, one report.
+
+Per scenario: the in-process bound runs first (alone on the machine), then the service and the
+baseline are started side by side (each on its own free port; the idle one costs nothing) and
+measured alternately for `rounds` rounds at each concurrency level. The precision/compile comparison
+runs the fp32, bf16 and compiled services the same way, and checks their answers against fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import inputs, precision
+from bench.inputs import ImageSet
+from bench.measure import Summary, alternate, combine_bounds, in_process_bound, summarise
+from bench.servers import REPO, Server, baseline_server, http_get, service_server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    arch: str
+    num_classes: int
+    image_set: str
+    requests_at: dict[int, int]  # concurrency -> requests per measured run
+    bound_count: int  # images through the in-process bound per repeat
+
+
+FULL = [
+    Scenario("resnet18-640", "resnet18 (224x224), 640x480 JPEGs", "resnet18", 1000, "photo640",
+             {1: 24, 16: 128, 64: 128}, 128),
+    Scenario("mobilenet-640", "mobilenet_v3_small (224x224), 640x480 JPEGs", "mobilenet_v3_small", 1000,
+             "photo640", {1: 80, 16: 320, 64: 320}, 320),
+    Scenario("resnet18-4000", "resnet18 (224x224), 4000x3000 JPEGs", "resnet18", 1000, "phone4000",
+             {1: 6, 16: 32}, 32),
+    Scenario("convnet-64", "convnet (default small model, 64x64), 64x64 JPEGs", "convnet", 10, "small64",
+             {1: 200, 16: 1000, 32: 1000, 64: 1000}, 1000),
+]
+QUICK = [
+    Scenario("convnet-64", "convnet (default small model, 64x64), 64x64 JPEGs", "convnet", 10, "small64",
+             {1: 16, 4: 32}, 64),
+]
+# (key, concurrency, requests, modes) for the precision/compile comparison. torch.compile of resnet18
+# costs minutes of start-up per batch bucket on 2 cores, so it is compared on the small model only.
+VARIANT_LOADS = [("modes-convnet", 32, 1000, ("fp32", "bf16", "trace", "compile")),
+                 ("modes-resnet18", 16, 128, ("fp32", "bf16", "trace"))]
+MODES: dict[str, dict[str, str]] = {
+    "fp32": {},
+    "bf16": {"precision": "bf16"},
+    "trace": {"compile": "trace"},
+    "compile": {"compile": "compile"},
+}
+
+
+@dataclass
+class BenchSettings:
+    """What both servers and the in-process bound are given. 0 means the service's own default."""
+
+    torch_threads: int = 0
+    decode_threads: int = 0
+    max_batch_size: int = 16
+    batch_wait_ms: float | None = None
+    rounds: int = 3
+    scale: float = 1.0  # multiplies every request count
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def service_env(self, **more: str) -> dict[str, str]:
+        env: dict[str, str] = {"max_batch_size": str(self.max_batch_size)}
+        if self.torch_threads:
+            env["torch_threads"] = str(self.torch_threads)
+        if self.decode_threads:
+            env["decode_threads"] = str(self.decode_threads)
+        if self.batch_wait_ms is not None:
+            env["max_batch_wait_ms"] = str(self.batch_wait_ms)
+        return {**env, **self.extra_env, **more}
+
+    @property
+    def resolved_decode_threads(self) -> int:
+        return self.decode_threads or os.cpu_count() or 1
+
+    @property
+    def bound_torch_threads(self) -> int:
+        """The service's batch thread count: its auto rule is cores - 1 (one core left to decoding)."""
+        return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+
+    def scaled(self, requests_at: dict[int, int]) -> dict[int, int]:
+        return {c: max(c, round(n * self.scale)) for c, n in requests_at.items()}
+
+
+def make_checkpoint(arch: str, num_classes: int, out: Path) -> Path:
+    """A serving checkpoint with random weights: `python -m training export`, else written directly."""
+    if out.is_file():
+        return out
+    cmd = [sys.executable, "-m", "training", "export", "--arch", arch, "--num-classes", str(num_classes),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    if proc.returncode == 0 and out.is_file():
+        return out
+    log.warning("training export failed (%s); writing the checkpoint directly", proc.stderr.strip()[-300:])
+    from model.checkpoint import CheckpointMeta, save_checkpoint
+    from model.registry import build_model, default_preprocess
+
+    pre = default_preprocess(arch)
+    model = build_model(arch, num_classes, pre.channels, pre.size)
+    meta = CheckpointMeta(arch=arch, labels=[f"class_{i}" for i in range(num_classes)],
+                          preprocess=pre.to_dict(), name=arch)
+    save_checkpoint(out, model, meta)
+    return out
+
+
+def _start_all(servers: list[Server]) -> list[Server]:
+    started: list[Server] = []
+    try:
+        for s in servers:  # one at a time: cold start is measured without a neighbour starting too
+            started.append(s.start())
+    except Exception:
+        for s in started:
+            s.stop()
+        raise
+    return started
+
+
+def _server_info(s: Server) -> dict[str, Any]:
+    return {"cold_start_s": s.cold_start_s, "idle_rss_mb": s.idle_rss_mb}
+
+
+def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchSettings,
+                 logs: Path) -> dict[str, Any]:
+    log.info("== %s", sc.title)
+    images = sets[sc.image_set]
+    requests_at = bs.scaled(sc.requests_at)
+    bounds: list[dict[str, Any]] = []
+
+    def bound_round(rnd: int) -> None:  # every round, so the bound sees the same machine as the servers
+        bounds.append(in_process_bound(ckpt, images.paths[0].parent,
+                                       max(16, round(sc.bound_count * bs.scale)), bs.max_batch_size,
+                                       bs.resolved_decode_threads, bs.bound_torch_threads))
+
+    servers = _start_all([service_server(ckpt, bs.service_env(), logs),
+                          baseline_server(ckpt, bs.torch_threads, logs)])
+    try:
+        model_info = http_get(servers[0].port, "/v1/model")[1].decode(errors="replace")
+        runs = alternate(servers, images.load(), "image/jpeg", requests_at, bs.rounds, bound_round)
+    finally:
+        for s in servers:
+            s.stop()
+    bound = combine_bounds(bounds)
+    return {
+        "title": sc.title,
+        "arch": sc.arch,
+        "image_set": sc.image_set,
+        "image_mean_kib": images.mean_bytes / 1024,
+        "requests_at": requests_at,
+        "bound": bound,
+        "servers": {s.name: _server_info(s) for s in servers},
+        "service_model": model_info,
+        "summaries": [dataclasses.asdict(summarise(name, c, rs))
+                      for name, by_c in runs.items() for c, rs in by_c.items()],
+        "runs": [r.to_dict() for by_c in runs.values() for rs in by_c.values() for r in rs],
+    }
+
+
+def run_variants(key: str, ckpt: Path, sets: dict[str, ImageSet], image_set: str, concurrency: int,
+                 total: int, modes: tuple[str, ...], bs: BenchSettings, logs: Path) -> dict[str, Any]:
+    """fp32 vs bf16 vs torch.compile services on one model: throughput, and agreement with fp32."""
+    log.info("== precision/compile: %s", key)
+    images = sets[image_set]
+    variants = {m: MODES[m] for m in modes}
+    servers = _start_all([service_server(ckpt, bs.service_env(**extra), logs, name=name)
+                          for name, extra in variants.items()])
+    try:
+        out: dict[str, Any] = {"key": key, "concurrency": concurrency,
+                               "servers": {s.name: _server_info(s) for s in servers}}
+        if len(variants) > 1:
+            bodies = images.load()
+            probs = {s.name: precision.probabilities(s, bodies) for s in servers}
+            out["agreement"] = [dataclasses.asdict(precision.compare(name, probs["fp32"], probs[name]))
+                                for name in variants if name != "fp32"]
+        runs = alternate(servers, images.load(), "image/jpeg", bs.scaled({concurrency: total}), bs.rounds)
+    finally:
+        for s in servers:
+            s.stop()
+    out["summaries"] = [dataclasses.asdict(summarise(n, c, rs)) for n, by_c in runs.items()
+                        for c, rs in by_c.items()]
+    return out
+
+
+def trained_checkpoint(explicit: Path | None, workdir: Path) -> Path | None:
+    """A trained default-architecture model: given, or runs/default, or trained here (~2 min) with
+    `python -m training train` on 64x64 crops labelled by the sample photo they come from."""
+    for cand in (explicit, REPO / "runs" / "default" / "model.safetensors"):
+        if cand is not None and cand.is_file():
+            return cand
+    data = inputs.classification_folder(workdir / "photo-classes")
+    out = workdir / "trained"
+    cmd = [sys.executable, "-m", "training", "train", "--data", f"folder:{data}", "--epochs", "4",
+           "--out", str(out), "--no-progress"]
+    log.info("no trained checkpoint given; training one: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    path = out / "model.safetensors"
+    if proc.returncode != 0 or not path.is_file():
+        log.warning("training failed, agreement is skipped: %s", proc.stderr.strip()[-500:])
+        return None
+    log.info("trained: %s", proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else path)
+    return path
+
+
+def _describe_trained(path: Path) -> dict[str, Any]:
+    from model.checkpoint import read_meta
+
+    meta = read_meta(path)
+    best = meta.training.get("best_val") or {}
+    return {"path": str(path), "arch": meta.arch, "classes": len(meta.labels),
+            "data": str(meta.training.get("data", "?")), "val_top1": best.get("top1")}
+
+
+def run_all(sets: dict[str, ImageSet], workdir: Path, bs: BenchSettings, quick: bool,
+            only: list[str] | None, trained: Path | None, variants: bool) -> dict[str, Any]:
+    logs = workdir / "logs"
+    ckpts = workdir / "checkpoints"
+    started = time.perf_counter()
+    results: dict[str, Any] = {"scenarios": {}, "variants": []}
+    for sc in QUICK if quick else FULL:
+        if only and sc.key not in only:
+            continue
+        ckpt = make_checkpoint(sc.arch, sc.num_classes, ckpts / f"{sc.arch}.safetensors")
+        results["scenarios"][sc.key] = run_scenario(sc, sets, ckpt, bs, logs)
+    if variants and not quick:
+        for key, conc, total, modes in VARIANT_LOADS:
+            if only and key not in only:
+                continue
+            if key == "modes-convnet":
+                ckpt_t = trained_checkpoint(trained, workdir)
+                if ckpt_t is None:
+                    continue
+                results["trained_checkpoint"] = _describe_trained(ckpt_t)
+                results["variants"].append(run_variants(key, ckpt_t, sets, "small64", conc, total, modes,
+                                                        bs, logs))
+            else:
+                ckpt = make_checkpoint("resnet18", 1000, ckpts / "resnet18.safetensors")
+                results["variants"].append(run_variants(key, ckpt, sets, "photo640", conc, total, modes,
+                                                        bs, logs))
+    results["wall_s"] = time.perf_counter() - started
+    return results
+
+
+def summaries(result: dict[str, Any]) -> list[Summary]:
+    return [Summary(**s) for s in result["summaries"]]

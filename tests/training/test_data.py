@@ -1,0 +1,100 @@
+"""Data sets: digits, MNIST/CIFAR-10 from a local root, folder layouts and splits, preprocessing choice."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.preprocess import Augment, Preprocess, open_image
+from model.registry import default_preprocess
+from training.config import ConfigError, TrainConfig
+from training.data import DataSpec, load_data, resolve_augment, resolve_preprocess
+from training.folder import load_folder, stratified_split
+
+from .conftest import make_image_folder
+
+
+def test_digits_are_upscaled_grey_without_flips() -> None:
+    pytest.importorskip("sklearn")
+    cfg = TrainConfig(data="digits")
+    spec = DataSpec.parse("digits")
+    pre = resolve_preprocess(spec, default_preprocess("convnet"), cfg, own_cnn=True)
+    assert (pre.size, pre.channels, pre.mode) == (32, 1, "squash")
+    aug = resolve_augment(spec, cfg)
+    assert aug.hflip == 0
+    data = load_data(spec, pre, aug, cfg)
+    assert data.labels == [str(d) for d in range(10)]
+    assert len(data.train) + len(data.val) == 1797 and len(data.val) == pytest.approx(360, abs=5)
+    x, y = data.train[0]
+    assert x.shape == (1, 32, 32) and 0 <= y < 10
+    # torchvision models keep their ImageNet input even for digits
+    tv = resolve_preprocess(spec, default_preprocess("resnet18"), cfg, own_cnn=False)
+    assert (tv.size, tv.channels) == (224, 3)
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    """Write the IDX format MNIST ships in (magic: 0, 0, type 0x08 unsigned byte, ndim)."""
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_from_a_local_root(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    cfg = TrainConfig(data=f"mnist:{tmp_path}")
+    spec = DataSpec.parse(cfg.data)
+    pre = resolve_preprocess(spec, default_preprocess("convnet"), cfg, own_cnn=True)
+    data = load_data(spec, pre, resolve_augment(spec, cfg), cfg)
+    assert data.labels == [str(d) for d in range(10)]
+    assert (len(data.train), len(data.val)) == (20, 10)
+    assert data.val[3][0].shape == (1, 32, 32) and data.val[3][1] == 3
+
+
+def test_missing_torchvision_data_is_a_config_error(tmp_path: Path) -> None:
+    cfg = TrainConfig(data=f"mnist:{tmp_path}")
+    with pytest.raises(ConfigError, match="put the extracted MNIST/raw/ there"):
+        load_data(DataSpec.parse(cfg.data), Preprocess(32, channels=1), None, cfg)
+
+
+def test_train_val_folders_and_eval_transform_parity(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "train", per_class=4, corrupt=0)
+    make_image_folder(tmp_path / "val", per_class=2, corrupt=2)
+    pre = Preprocess(size=16, resize=18)
+    split = load_folder(tmp_path, pre, 0.2, seed=0)
+    assert (len(split.train), len(split.val), len(split.skipped)) == (12, 6, 2)
+    cfg = TrainConfig(data=f"folder:{tmp_path}")
+    data = load_data(DataSpec.parse(cfg.data), pre, Augment(), cfg)
+    assert data.val is not None and data.train is not None
+    # validation tensors are exactly what the service's decode path produces for the same file
+    path = split.val[0][0]
+    expected = pre.eval_transform()(open_image(path.read_bytes(), pre))
+    assert torch.equal(data.val[0][0], expected)
+    assert data.train[0][0].shape == (3, 16, 16)
+
+
+def test_stratified_split_is_seeded_and_keeps_every_class() -> None:
+    targets = [0] * 10 + [1] * 5 + [2] * 2
+    train, val = stratified_split(targets, 0.2, seed=1)
+    assert stratified_split(targets, 0.2, seed=1) == (train, val)
+    assert stratified_split(targets, 0.2, seed=2) != (train, val)
+    assert sorted(train + val) == list(range(17))
+    assert [sum(targets[i] == c for i in val) for c in range(3)] == [2, 1, 1]
+
+
+def test_data_spec_parsing() -> None:
+    assert str(DataSpec.parse("folder:/x/y")) == "folder:/x/y"
+    for bad, message in (
+        ("folder", "needs a path"),
+        ("shapes:/x", "takes no path"),
+        ("svhn", "unknown data"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            DataSpec.parse(bad)

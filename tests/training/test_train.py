@@ -1,0 +1,134 @@
+"""Training end to end on tiny settings: outputs, checkpoint metadata, resume, image folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint, read_meta
+from model.preprocess import Preprocess
+from training import fit, shapes
+from training.runs import load_state
+
+from .conftest import tiny_config
+
+OUTPUTS = (
+    "model.safetensors",
+    "last.safetensors",
+    "train_state.pt",
+    "history.csv",
+    "loss.png",
+    "accuracy.png",
+    "confusion_matrix.png",
+    "report.json",
+    "report.md",
+)
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory: pytest.TempPathFactory) -> fit.FitResult:
+    """One short shapes run shared by the tests that only read its outputs."""
+    return fit.train(tiny_config(tmp_path_factory.mktemp("shapes"), epochs=2))
+
+
+def test_a_short_run_writes_every_output(shapes_run: fit.FitResult) -> None:
+    out = shapes_run.out
+    assert [name for name in OUTPUTS if not (out / name).is_file()] == []
+    for png in ("loss.png", "accuracy.png", "confusion_matrix.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5"} <= set(rows[0])
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"] == 24 and len(report["per_class"]) == len(shapes.CLASSES)
+    assert set(report["per_class"]["circle"]) == {"precision", "recall", "f1", "support"}
+    assert report["top1"] == pytest.approx(shapes_run.best_accuracy)
+    assert 0 <= report["top1"] <= report["top5"] <= 1
+    assert sum(map(sum, report["confusion_matrix"])) == 24
+    md = (out / "report.md").read_text()
+    assert "top-1 accuracy" in md and "| circle |" in md
+
+
+def test_checkpoint_loads_and_describes_the_run(shapes_run: fit.FitResult) -> None:
+    loaded = load_checkpoint(shapes_run.out / "model.safetensors")
+    meta = loaded.meta
+    assert meta.arch == "convnet" and meta.labels[:3] == ["circle", "ring", "triangle"]
+    assert meta.input_shape == (3, 32, 32)
+    assert Preprocess.from_dict(meta.preprocess).size == 32
+    assert meta.arch_config["head"]["pool"] == "gap"
+    t = meta.training
+    assert t["data"] == "shapes" and t["torch"] == torch.__version__ and t["date"].startswith("20")
+    assert t["best_epoch"] == shapes_run.best_epoch and t["checkpoint"] == "best"
+    assert t["best_val"]["top1"] == pytest.approx(shapes_run.best_accuracy)
+    assert t["data_args"]["seed"] == 0 and t["train_images"] == 48 and t["val_images"] == 24
+    last = read_meta(shapes_run.out / "last.safetensors")
+    assert last.training["checkpoint"] == "last" and last.training["epochs"] == 2
+    # the last checkpoint holds the final weights, bit for bit
+    final = load_checkpoint(shapes_run.out / "last.safetensors").model.state_dict()
+    for name, tensor in shapes_run.model.state_dict().items():
+        assert torch.equal(final[name], tensor.cpu()), name
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
+    # a step schedule: its rates do not depend on the planned epoch count, unlike cosine
+    kw = {"schedule": "step", "step_size": 1, "gamma": 0.5, "warmup_epochs": 0.5}
+    whole = fit.train(tiny_config(tmp_path, epochs=2, out=str(tmp_path / "whole"), **kw))
+    first = fit.train(tiny_config(tmp_path, epochs=1, out=str(tmp_path / "part"), **kw))
+    assert first.epochs_run == 1
+    state = load_state(tmp_path / "part" / "train_state.pt")
+    assert state["epoch"] == 1 and set(state) >= {"optimizer", "schedule", "model", "history"}
+    resumed = fit.train(
+        tiny_config(
+            tmp_path,
+            epochs=2,
+            out=str(tmp_path / "part"),
+            resume=str(tmp_path / "part" / "train_state.pt"),
+            **kw,
+        ),
+        state,
+    )
+    assert resumed.epochs_run == 2
+    assert len(load_state(tmp_path / "part" / "train_state.pt")["history"]) == 2
+    # same data order, same RNG, same optimizer state: the same weights as never stopping
+    for (name, a), b in zip(
+        whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_training_on_an_image_folder_reports_unreadable_files(
+    image_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_config(
+        tmp_path,
+        data=f"folder:{image_folder}",
+        epochs=3,
+        image_size=16,
+        lr=0.02,
+        batch_size=8,
+        val_fraction=0.25,
+        crop_scale=0.0,
+        rotation=0.0,
+        jitter=0.0,
+    )
+    with caplog.at_level(logging.WARNING):
+        result = fit.train(cfg)
+    warning = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warning) == 1 and "skipped 1 unreadable file(s)" in warning[0] and "broken0.jpg" in warning[0]
+    meta = read_meta(result.out / "model.safetensors")
+    assert meta.labels == ["blue", "green", "red"]
+    assert meta.training["skipped_files"] == 1
+    assert meta.training["train_images"] + meta.training["val_images"] == 24  # 3 x 8, the broken file skipped
+    assert json.loads((result.out / "report.json").read_text())["skipped_files"] == 1
+    assert result.best_accuracy == 1.0  # three solid colours: trivially separable
+
+
+def test_early_stopping_stops(tmp_path: Path) -> None:
+    # lr tiny enough that accuracy cannot improve after the first epoch
+    result = fit.train(tiny_config(tmp_path, epochs=5, patience=1, lr=1e-9, schedule="constant"))
+    assert result.epochs_run < 5

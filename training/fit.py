@@ -1,0 +1,195 @@
+"""`train`: build data and model from a TrainConfig, run the epochs, write checkpoints and reports.
+
+Writes to cfg.out: model.safetensors (best validation accuracy), last.safetensors, train_state.pt
+(resume), history.csv, loss.png, accuracy.png, confusion_matrix.png, report.json, report.md.
+Under torchrun every rank trains on its shard of the data; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from model.architectures import freeze_backbone
+from model.checkpoint import weights_sha256
+from model.registry import build_model, load_init_weights
+from training import build, distributed, reports
+from training.config import ConfigError, TrainConfig
+from training.data import DataSpec, load_data, resolve_augment
+from training.engine import EpochStats, EvalResult, evaluate, train_one_epoch
+from training.runs import checkpoint_meta, save_serving, save_state
+from training.schedule import LRSchedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    out: Path
+    best_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    model: nn.Module  # unwrapped, on its device, final (last-epoch) weights
+
+
+@dataclass
+class Progress:
+    """What a resume restores besides weights and optimizer: per-epoch rows and the best epoch."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"acc": -1.0, "loss": float("inf"), "epoch": 0})
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, result: EvalResult) -> bool:
+        """Record an epoch's validation; True when it is the best so far (accuracy, then loss)."""
+        best = self.best
+        improved = result.accuracy > best["acc"] or (
+            result.accuracy == best["acc"] and result.loss < best["loss"]
+        )
+        if improved:
+            # the sums are kept so the final report is the best epoch's, without another pass
+            self.best = {"acc": result.accuracy, "loss": result.loss, "top5": result.top5, "epoch": epoch,
+                         "confusion": result.confusion, "loss_sum": result.loss_sum,
+                         "top5_correct": result.top5_correct}
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        return improved
+
+    def best_eval(self) -> EvalResult:
+        return EvalResult(self.best["confusion"], self.best["loss_sum"], self.best["top5_correct"])
+
+
+def train(cfg: TrainConfig, state: dict[str, Any] | None = None) -> FitResult:
+    info, device = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, state, info, device)
+    finally:
+        distributed.cleanup()
+
+
+def _train(
+    cfg: TrainConfig, state: dict[str, Any] | None, info: distributed.Dist, device: torch.device
+) -> FitResult:
+    threads = distributed.set_threads(info, cfg.threads)
+    build.seed_everything(cfg.seed)
+    spec = DataSpec.parse(cfg.data)
+    arch_config, pre = build.build_network(cfg, spec)
+    data = load_data(spec, pre, resolve_augment(spec, cfg), cfg)
+    assert data.train is not None
+    labels = data.labels
+    model = build_model(cfg.arch, len(labels), pre.channels, pre.size, arch_config or None)
+    if cfg.init_weights:
+        skipped = load_init_weights(model, Path(cfg.init_weights))
+        log.info("initial weights from %s (%d head tensors re-initialised)", cfg.init_weights, len(skipped))
+    else:
+        build.zero_init_classifier(model)
+    if cfg.freeze_backbone:
+        log.info("backbone frozen: %d trainable parameters", freeze_backbone(model))
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    if info.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_loader, val_loader, sampler = build.loaders(cfg, data, info)
+    optimizer = build.optimizer(cfg, model)
+    schedule = LRSchedule(optimizer, cfg.schedule, cfg.peak_lr, len(train_loader), cfg.epochs,
+                          cfg.warmup_epochs, cfg.step_size, cfg.gamma, cfg.plateau_patience)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    progress, start = Progress(), 1
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:
+            raise ConfigError(f"--resume {cfg.resume}: its weights do not fit {cfg.arch} with {len(labels)} "
+                              "classes; resume with the same arch, network and data") from None
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        progress = Progress(list(state["history"]), dict(state["best"]), int(state["bad_epochs"]))
+        start = int(state["epoch"]) + 1
+        if start > cfg.epochs:
+            raise ConfigError(
+                f"--resume {cfg.resume} already ran {start - 1} epochs; pass --epochs above that"
+            )
+    if info.is_main:
+        log.info("data %s: %d train / %d val images, %d classes; %s with %s parameters on %s (%d thread(s)%s)",
+                 spec, len(data.train), len(data.val), len(labels), cfg.arch,
+                 f"{sum(p.numel() for p in model.parameters()):,}", device, threads,
+                 f", {info.world_size} processes" if info.enabled else "")
+        if start > 1:
+            log.info("resuming from %s at epoch %d", cfg.resume, start)
+    out = Path(cfg.out)
+    meta_base = checkpoint_meta(cfg, spec, labels, pre, arch_config, data)
+    epoch = start - 1
+    for epoch in range(start, cfg.epochs + 1):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        else:
+            sampler.generator.manual_seed(cfg.seed * 100_003 + epoch)  # the same order on resume
+        bar = f"epoch {epoch}/{cfg.epochs}" if info.is_main and cfg.progress else None
+        lr = schedule.lr
+        stats = distributed.reduce_stats(train_one_epoch(
+            net, train_loader, criterion, optimizer, schedule, device, scaler=scaler, grad_clip=cfg.grad_clip,
+            amp=amp, channels_last=cfg.channels_last, progress=bar), device)
+        result = distributed.reduce_eval(
+            evaluate(net, val_loader, device, len(labels), amp=amp, channels_last=cfg.channels_last), device)
+        schedule.epoch_end(result.accuracy)
+        improved = progress.update(epoch, result)
+        progress.history.append(_row(epoch, lr, stats, result))
+        if info.is_main:
+            _log_epoch(epoch, cfg.epochs, stats, result, lr, improved)
+            summary = {"epochs": epoch, "best_epoch": progress.best["epoch"],
+                       "best_val": {"top1": progress.best["acc"], "top5": progress.best["top5"],
+                                    "loss": progress.best["loss"]}}
+            last = {"top1": result.accuracy, "top5": result.top5, "loss": result.loss}
+            last_summary = {**summary, "checkpoint": "last", "val": last}
+            save_serving(out / "last.safetensors", model, meta_base, last_summary)
+            if improved:
+                save_serving(out / "model.safetensors", model, meta_base, {**summary, "checkpoint": "best"})
+            save_state(out / "train_state.pt", {
+                "format": 1, "epoch": epoch, "config": cfg.to_dict(), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "rng": torch.get_rng_state(),
+                "history": progress.history, "best": progress.best, "bad_epochs": progress.bad_epochs})
+            reports.write_history(out / "history.csv", progress.history)
+        # every rank computed the same reduced metrics, so every rank stops at the same epoch
+        if cfg.patience and progress.bad_epochs >= cfg.patience:
+            if info.is_main:
+                log.info("early stop: no better validation accuracy for %d epochs", progress.bad_epochs)
+            break
+    if info.enabled:
+        # Every rank states its final weights; identical digests show DDP kept the replicas in step.
+        log.info("rank %d final weights sha256 %s", info.rank, weights_sha256(model.state_dict()))
+    if info.is_main:
+        extra = {"checkpoint": str(out / "model.safetensors"), "arch": cfg.arch, "data": str(spec),
+                 "split": "validation", "epoch": progress.best["epoch"], "skipped_files": len(data.skipped)}
+        report = reports.write_all(out, progress.best_eval(), labels, extra, progress.history)
+        log.info("best val accuracy %.4f (top-%d %.4f) at epoch %d; wrote %s: model.safetensors, "
+                 "last.safetensors, train_state.pt, history.csv, loss.png, accuracy.png, "
+                 "confusion_matrix.png, report.json, report.md",
+                 report["top1"], min(5, len(labels)), report["top5"], progress.best["epoch"], out)
+    return FitResult(out, progress.best["acc"], progress.best["epoch"], epoch, model)
+
+
+def _row(epoch: int, lr: float, stats: EpochStats, result: EvalResult) -> dict[str, Any]:
+    return {"epoch": epoch, "lr": lr, "train_loss": stats.loss, "train_acc": stats.accuracy,
+            "val_loss": result.loss, "val_acc": result.accuracy, "val_top5": result.top5,
+            "seconds": stats.seconds + result.seconds}
+
+
+def _log_epoch(epoch: int, epochs: int, stats: EpochStats, result: EvalResult, lr: float, best: bool) -> None:
+    k = min(5, result.confusion.shape[0])
+    log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f top-%d %.4f | lr %.2g | %.1fs%s",
+             epoch, epochs, stats.loss, stats.accuracy, result.loss, result.accuracy, k, result.top5, lr,
+             stats.seconds + result.seconds, "  *best*" if best else "")

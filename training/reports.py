@@ -1,0 +1,146 @@
+"""What a run leaves behind besides the checkpoint: history.csv, PNG plots, report.json + report.md."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never needs a display, safe on servers and in CI
+import matplotlib.pyplot as plt
+
+from training.engine import EvalResult
+
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "seconds")
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.replace(tmp, path)
+
+
+def plot_curves(out: Path, history: list[dict[str, float]]) -> list[Path]:
+    """loss.png and accuracy.png: train vs validation per epoch."""
+    epochs = [r["epoch"] for r in history]
+    written = []
+    for name, keys, ylabel in (
+        ("loss.png", ("train_loss", "val_loss"), "cross-entropy loss"),
+        ("accuracy.png", ("train_acc", "val_acc", "val_top5"), "accuracy"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for key in keys:
+            ax.plot(epochs, [r[key] for r in history], marker="o", label=key.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        written.append(out / name)
+    return written
+
+
+def plot_confusion(path: Path, result: EvalResult, labels: list[str]) -> None:
+    cm = result.confusion.numpy()
+    k = len(labels)
+    side = min(16, 2.5 + 0.5 * k)
+    fig, ax = plt.subplots(figsize=(side, side * 0.9), dpi=100)
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if k <= 40:  # beyond that, tick labels are unreadable anyway
+        ax.set_xticks(range(k), labels, rotation=45, ha="right")
+        ax.set_yticks(range(k), labels)
+    if k <= 20:
+        top = cm.max() or 1
+        for i in range(k):
+            for j in range(k):
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    color="white" if cm[i, j] > top / 2 else "black",
+                    fontsize=8,
+                )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion matrix (accuracy {result.accuracy:.2%})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_report(result: EvalResult, labels: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    per_class = {label: row for label, row in zip(labels, result.per_class(), strict=True)}
+    macro = {
+        m: sum(float(r[m]) for r in per_class.values()) / len(labels) for m in ("precision", "recall", "f1")
+    }
+    return {
+        **extra,
+        "samples": result.count,
+        "top1": result.accuracy,
+        "top5": result.top5,
+        "loss": result.loss,
+        "macro": macro,
+        "per_class": per_class,
+        "confusion_matrix": result.confusion.tolist(),
+        "labels": labels,
+    }
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """report.json (everything) and report.md (the same, for people)."""
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    k = min(5, len(report["labels"]))
+    lines = [
+        f"# Evaluation report: {report.get('checkpoint', report.get('arch', 'model'))}",
+        "",
+        f"- data: `{report.get('data', '?')}` ({report['samples']} images)",
+        f"- top-1 accuracy: **{report['top1']:.2%}**",
+        f"- top-{k} accuracy: {report['top5']:.2%}",
+        f"- loss: {report['loss']:.4f}",
+        f"- macro precision / recall / F1: {report['macro']['precision']:.3f} / "
+        f"{report['macro']['recall']:.3f} / {report['macro']['f1']:.3f}",
+    ]
+    if report.get("skipped_files"):
+        lines.append(f"- unreadable files skipped: {report['skipped_files']}")
+    lines += ["", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for label, r in report["per_class"].items():
+        lines.append(
+            f"| {label} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
+        )
+    if len(report["labels"]) <= 20:
+        lines += ["", "Confusion matrix (rows: true, columns: predicted):", ""]
+        lines.append("| | " + " | ".join(report["labels"]) + " |")
+        lines.append("|---" * (len(report["labels"]) + 1) + "|")
+        for label, row in zip(report["labels"], report["confusion_matrix"], strict=True):
+            lines.append(f"| **{label}** | " + " | ".join(str(v) for v in row) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def write_all(
+    out: Path,
+    result: EvalResult,
+    labels: list[str],
+    extra: dict[str, Any],
+    history: list[dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    if history:
+        write_history(out / "history.csv", history)
+        plot_curves(out, history)
+    plot_confusion(out / "confusion_matrix.png", result, labels)
+    report = build_report(result, labels, extra)
+    write_report(out, report)
+    return report
