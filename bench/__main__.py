@@ -1,7 +1,7 @@
 """`python -m bench [--out FILE] [--quick] ...` and `python -m bench soak ...`.
 
-The full run takes about 15-20 minutes on 2 cores; `--quick` a few seconds' worth of load (about half
-a minute in all, mostly server start-up). Results: a Markdown report at --out and the raw numbers
+The full run takes about 13-15 minutes on 2 cores; `--quick` a few seconds' worth of load (15-40 s
+in all, mostly server start-up). Results: a Markdown report at --out and the raw numbers
 beside it (same name, .json).
 """
 
@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             res = soak.soak(ckpt, sets[args.image_set], bs.service_env(), workdir / "logs", args.requests,
                             concs)
             text = soak.render(res, f"{args.arch}, {args.image_set}", command)
-            text += "\nSettings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + "\n"
+            service_settings = {**bs.service_env(), "env OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
+            text += "\nService settings (others: defaults): " + ", ".join(
+                f"{k}={v}" for k, v in service_settings.items()) + "\n"
             args.out.write_text(text)
             args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "soak": res}, indent=1))
         else:

@@ -111,8 +111,7 @@ def generate(root: Path, seed: int = 0, quick: bool = False) -> dict[str, ImageS
     sets: dict[str, ImageSet] = {}
     if manifest_path.is_file() and json.loads(manifest_path.read_text()) == wanted:
         for name, (w, h, _, _) in SETS.items():
-            paths = tuple(sorted((root / name).glob("*.jpg")))
-            sets[name] = ImageSet(name, w, h, paths)
+            sets[name] = ImageSet(name, w, h, tuple(sorted((root / name).glob("*.jpg"))))
         if all(len(sets[n].paths) == counts[n] for n in SETS):
             return sets
     sources = list(_sources().values())
@@ -122,7 +121,7 @@ def generate(root: Path, seed: int = 0, quick: bool = False) -> dict[str, ImageS
         for old in folder.glob("*.jpg"):
             old.unlink()
         rng = np.random.default_rng([seed, VERSION, *name.encode()])
-        paths = []
+        paths: list[Path] = []
         for i in range(counts[name]):
             src = sources[i % len(sources)]
             portrait = name == "photo640" and i % 4 == 3
