@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,18 +52,42 @@ def build_predictor(settings: Settings, device: torch.device, path: Path, warm: 
     return predictor
 
 
-def warm_up(predictor: Predictor, sizes: list[int], lone_threads: int) -> None:
+def warm_up(predictor: Predictor, sizes: list[int], lone_threads: int) -> int:
     """Warm every batch size with the batch thread count, and a lone image with `lone_threads` too
-    (oneDNN builds its kernels per thread count). Run it on the thread that will run the model."""
+    (oneDNN builds its kernels per thread count). Run it on the thread that will run the model.
+
+    Returns the thread count a lone image should use. More threads are not always faster for one
+    image (a small model's parallel regions cost more than they save: the benchmark measured the
+    default convnet 1.9x slower on 2 threads than on 1), so the two counts are timed here and all
+    cores are used only when they are clearly faster for this model on this machine."""
     took = predictor.warmup(sizes)
     batch_threads = torch.get_num_threads()
+    chosen = batch_threads
     if lone_threads != batch_threads:
         torch.set_num_threads(lone_threads)
         try:
             took += predictor.warmup([1])
+            wide = _time_single(predictor)
         finally:
             torch.set_num_threads(batch_threads)
+        narrow = _time_single(predictor)
+        chosen = lone_threads if wide < 0.9 * narrow else batch_threads
+        log.info(
+            "a lone image takes %.2f ms on %d thread(s), %.2f ms on %d: using %d",
+            wide * 1e3, lone_threads, narrow * 1e3, batch_threads, chosen,
+        )
     log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
+    return chosen
+
+
+def _time_single(predictor: Predictor, repeats: int = 5) -> float:
+    """Median seconds for one blank image through the model (already warmed)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.warmup([1])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 class ServiceState:
