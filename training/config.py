@@ -66,7 +66,7 @@ class TrainConfig:
     rotation: float | None = _f(None, "augmentation: max rotation in degrees")
     jitter: float | None = _f(None, "augmentation: colour jitter strength")
     name: str = _f("", "model name stored in the checkpoint (default: from arch and data)")
-    progress: bool = _f(True, "show a progress bar per epoch")
+    progress: bool | None = _f(None, "progress bar per epoch (default: when stderr is a terminal)")
     # From a config file only (not flags): the network blocks and preprocessing overrides.
     network: Any = field(default=None, metadata={"cli": False})
     preprocess: dict[str, Any] | None = field(default=None, metadata={"cli": False})

@@ -8,6 +8,7 @@ Under torchrun every rank trains on its shard of the data; only rank 0 writes.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,13 +124,15 @@ def _train(
                 f"--resume {cfg.resume} already ran {start - 1} epochs; pass --epochs above that"
             )
     if info.is_main:
-        log.info("data %s: %d train / %d val images, %d classes; %s with %s parameters on %s (%d thread(s)%s)",
+        log.info("data %s: %d train / %d val images, %d classes; %s with %s parameters on %s "
+                 "(%d thread(s)%s)",
                  spec, len(data.train), len(data.val), len(labels), cfg.arch,
                  f"{sum(p.numel() for p in model.parameters()):,}", device, threads,
                  f", {info.world_size} processes" if info.enabled else "")
         if start > 1:
             log.info("resuming from %s at epoch %d", cfg.resume, start)
     out = Path(cfg.out)
+    show_bar = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     meta_base = checkpoint_meta(cfg, spec, labels, pre, arch_config, data)
     epoch = start - 1
     for epoch in range(start, cfg.epochs + 1):
@@ -137,7 +140,7 @@ def _train(
             sampler.set_epoch(epoch)
         else:
             sampler.generator.manual_seed(cfg.seed * 100_003 + epoch)  # the same order on resume
-        bar = f"epoch {epoch}/{cfg.epochs}" if info.is_main and cfg.progress else None
+        bar = f"epoch {epoch}/{cfg.epochs}" if info.is_main and show_bar else None
         lr = schedule.lr
         stats = distributed.reduce_stats(train_one_epoch(
             net, train_loader, criterion, optimizer, schedule, device, scaler=scaler, grad_clip=cfg.grad_clip,

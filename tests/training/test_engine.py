@@ -70,3 +70,19 @@ def test_evaluate_counts_top1_top5_and_confusion() -> None:
     assert r.confusion[2, 1] == 1 and r.confusion[6, 0] == 1 and r.confusion.sum() == 3
     expected = nn.functional.cross_entropy(logits, targets, reduction="sum").item()
     assert r.loss_sum == pytest.approx(expected)
+
+
+def test_gradient_clipping_bounds_the_step() -> None:
+    from training.engine import train_one_epoch
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # plain SGD: the step is exactly lr * gradient
+    loader = DataLoader(TensorDataset(torch.randn(8, 4) * 100, torch.randint(0, 3, (8,))), batch_size=8)
+    sched = LRSchedule(opt, "constant", 1.0, steps_per_epoch=1, epochs=1)
+    cpu = torch.device("cpu")
+    stats = train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, sched, cpu, grad_clip=0.01)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert stats.count == 8
+    assert (after - before).norm().item() == pytest.approx(0.01, rel=1e-4)

@@ -132,3 +132,14 @@ def test_early_stopping_stops(tmp_path: Path) -> None:
     # lr tiny enough that accuracy cannot improve after the first epoch
     result = fit.train(tiny_config(tmp_path, epochs=5, patience=1, lr=1e-9, schedule="constant"))
     assert result.epochs_run < 5
+
+
+def test_init_weights_and_frozen_backbone(shapes_run: fit.FitResult, tmp_path: Path) -> None:
+    start = shapes_run.out / "last.safetensors"
+    result = fit.train(tiny_config(tmp_path, init_weights=str(start), freeze_backbone=True, lr=0.05))
+    before = load_checkpoint(start).model.state_dict()
+    after = {k: v.cpu() for k, v in result.model.state_dict().items()}
+    conv_w = "features.0.weight"
+    assert torch.equal(after[conv_w], before[conv_w])  # frozen: the backbone did not move
+    assert not torch.equal(after["head.5.weight"], before["head.5.weight"])  # the head trained
+    assert read_meta(result.out / "model.safetensors").training["init_weights"] == "last.safetensors"
