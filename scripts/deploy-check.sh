@@ -173,7 +173,7 @@ podman logs "$NAME" 2>&1 | tail -3
 echo "exited with 0"
 
 step "a checkpoint written on the host is readable by the image's non-root user"
-# The everyday flow: train on the host, mount the folder read-only (docs/deployment.md).
+# The everyday flow: train on the host, mount the folder read-only (README, "Deploying convserve").
 if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
   mkdir -p "$WORK/host"
   "$REPO_ROOT/.venv/bin/python" -m training export --arch convnet --num-classes 6 \

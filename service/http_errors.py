@@ -1,7 +1,7 @@
 """Errors that are about the request or the server rather than one image.
 
 Image problems are `service.errors.ImageError`; both render as `{"error": {"code", "message", ...}}`
-at the edge (service/routes/handlers.py). The tables here feed docs/service.md.
+at the edge (service/routes/handlers.py). The tables here feed the README's error-code table.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Prometheus metrics on the app's own CollectorRegistry (never the global one: tests start many apps).
 
-The names are a contract with the deploy dashboards and alerts; see docs/service.md.
+The names are a contract with the deploy dashboards and alerts; see the README's metrics table.
 """
 
 from __future__ import annotations
