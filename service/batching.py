@@ -169,12 +169,8 @@ class DynamicBatcher(Generic[In, Out]):
         taken: list[_Entry[In, Out]] = []
         while self._queue and len(taken) < room:
             entry = self._pop()
-            if entry.future.done():  # cancelled: the caller timed out or its client disconnected
-                continue
-            if entry.deadline <= now:
-                entry.future.set_exception(DeadlineExceeded("deadline passed while queued"))
-                continue
-            taken.append(entry)
+            if self._alive(entry, now):
+                taken.append(entry)
         return taken
 
     async def _run(self) -> None:
@@ -209,16 +205,19 @@ class DynamicBatcher(Generic[In, Out]):
             batch.extend(self._take(self.max_size - len(batch), loop.time()))
 
     @staticmethod
-    def _still_wanted(batch: list[_Entry[In, Out]], now: float) -> list[_Entry[In, Out]]:
-        kept = []
-        for e in batch:
-            if e.future.done():
-                continue
-            if e.deadline <= now:
-                e.future.set_exception(DeadlineExceeded("deadline passed while queued"))
-                continue
-            kept.append(e)
-        return kept
+    def _alive(entry: _Entry[In, Out], now: float) -> bool:
+        """False for an entry whose caller gave up (cancelled: timed out or its client disconnected)
+        or whose deadline passed (failed here, so the caller gets its 504)."""
+        if entry.future.done():
+            return False
+        if entry.deadline <= now:
+            entry.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+            return False
+        return True
+
+    @classmethod
+    def _still_wanted(cls, batch: list[_Entry[In, Out]], now: float) -> list[_Entry[In, Out]]:
+        return [e for e in batch if cls._alive(e, now)]
 
     async def _dispatch(self, batch: list[_Entry[In, Out]], loop: asyncio.AbstractEventLoop) -> None:
         self.busy = True
