@@ -102,7 +102,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Warm up on the inference thread itself: per-thread state (cuDNN/cuBLAS handles, allocator
     # streams) is then ready where the model runs, not on a helper thread.
     try:
-        state.lone_threads = await state.batcher.call_in_worker(
+        state.batch_threads, state.lone_threads = await state.batcher.call_in_worker(
             warm_up, predictor, settings.warmup_sizes(), settings.lone_threads
         )
     except Exception as e:
@@ -122,7 +122,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.max_batch_size,
         settings.queue_limit,
         settings.decode_workers,
-        settings.batch_threads,
+        state.batch_threads,
         state.lone_threads,
         os.environ.get("OMP_WAIT_POLICY", "unset"),
     )

@@ -105,13 +105,13 @@ class Settings(BaseSettings):
 
     @property
     def batch_threads(self) -> int:
-        """Intra-op threads for a batch. Measured on 2 cores (docs/benchmarks.md): inference threads
-        that share every core with the decode threads stall each other, so auto keeps one core free."""
+        """Intra-op threads for a batch, before warm-up timing: auto keeps one core for the decode
+        threads; warm-up (service.state.warm_up) switches to every core when that is clearly faster."""
         return self.torch_threads or max(1, usable_cores() - 1)
 
     @property
     def lone_threads(self) -> int:
-        """Intra-op threads for a lone image with nothing queued: the decoders are idle, use them all."""
+        """The all-cores candidate warm-up times against `batch_threads` (for batches and lone images)."""
         return self.torch_threads or usable_cores()
 
     def warmup_sizes(self) -> list[int]:

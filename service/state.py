@@ -52,40 +52,46 @@ def build_predictor(settings: Settings, device: torch.device, path: Path, warm: 
     return predictor
 
 
-def warm_up(predictor: Predictor, sizes: list[int], lone_threads: int) -> int:
-    """Warm every batch size with the batch thread count, and a lone image with `lone_threads` too
-    (oneDNN builds its kernels per thread count). Run it on the thread that will run the model.
+def warm_up(predictor: Predictor, sizes: list[int], all_threads: int) -> tuple[int, int]:
+    """Warm every batch size with the batch thread count and with `all_threads` (oneDNN builds its
+    kernels per thread count). Run it on the thread that will run the model.
 
-    Returns the thread count a lone image should use. More threads are not always faster for one
-    image (a small model's parallel regions cost more than they save: the benchmark measured the
-    default convnet 1.9x slower on 2 threads than on 1), so the two counts are timed here and all
-    cores are used only when they are clearly faster for this model on this machine."""
+    Returns (threads for a batch, threads for a lone image), chosen by timing both counts here,
+    because neither is right for every model on every machine (docs/benchmarks.md): on 2 cores
+    resnet18's batch of 16 took 0.55x as long on 2 threads as on 1, while mobilenet_v3_small's took
+    0.99x and the default convnet's lone image 1.9x as long. A batch on every core takes a core from
+    the decode threads, so it must be clearly faster (below 0.75x); a lone image only has to win
+    (below 0.9x), since the decoders are idle then."""
     took = predictor.warmup(sizes)
-    batch_threads = torch.get_num_threads()
-    chosen = batch_threads
-    if lone_threads != batch_threads:
-        torch.set_num_threads(lone_threads)
-        try:
-            took += predictor.warmup([1])
-            wide = _time_single(predictor)
-        finally:
-            torch.set_num_threads(batch_threads)
-        narrow = _time_single(predictor)
-        chosen = lone_threads if wide < 0.9 * narrow else batch_threads
-        log.info(
-            "a lone image takes %.2f ms on %d thread(s), %.2f ms on %d: using %d",
-            wide * 1e3, lone_threads, narrow * 1e3, batch_threads, chosen,
-        )
+    few = torch.get_num_threads()
+    if all_threads == few:  # pinned with --torch-threads, or a single core
+        log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
+        return few, few
+    top = max(sizes)
+    torch.set_num_threads(all_threads)
+    try:
+        took += predictor.warmup(sizes)
+        wide_one, wide_top = _time_batch(predictor, 1), _time_batch(predictor, top)
+    finally:
+        torch.set_num_threads(few)
+    narrow_one, narrow_top = _time_batch(predictor, 1), _time_batch(predictor, top)
+    batch = all_threads if wide_top < 0.75 * narrow_top else few
+    lone = all_threads if wide_one < 0.9 * narrow_one else few
+    log.info(
+        "batch of %d: %.1f ms on %d thread(s), %.1f ms on %d -> %d; lone image: %.2f ms vs %.2f ms -> %d",
+        top, wide_top * 1e3, all_threads, narrow_top * 1e3, few, batch,
+        wide_one * 1e3, narrow_one * 1e3, lone,
+    )
     log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
-    return chosen
+    return batch, lone
 
 
-def _time_single(predictor: Predictor, repeats: int = 5) -> float:
-    """Median seconds for one blank image through the model (already warmed)."""
+def _time_batch(predictor: Predictor, n: int, repeats: int = 3) -> float:
+    """Median seconds for a blank batch of n through the (already warmed) model."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        predictor.warmup([1])
+        predictor.warmup([n])
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
