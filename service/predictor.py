@@ -155,7 +155,7 @@ class Predictor:
         top_p_rows, top_i_rows = top_p.tolist(), top_i.tolist()
         labels = self.labels
         results = []
-        for job, ps, idx in zip(jobs, top_p_rows, top_i_rows, strict=True):
+        for row, (job, ps, idx) in enumerate(zip(jobs, top_p_rows, top_i_rows, strict=True)):
             preds = [
                 {"label": labels[i], "index": i, "probability": p}
                 for p, i in zip(ps[: job.top_k], idx[: job.top_k], strict=True)
@@ -163,7 +163,7 @@ class Predictor:
             results.append(
                 JobResult(
                     predictions=preds,
-                    probabilities=None,
+                    probabilities=probs[row].tolist() if job.all_probs else None,
                     queue_s=start - job.enqueued,
                     inference_s=inference_s,
                     batch_size=len(jobs),
@@ -172,9 +172,6 @@ class Predictor:
                     model=self.ref,
                 )
             )
-        for row, (job, res) in enumerate(zip(jobs, results, strict=True)):
-            if job.all_probs:
-                res.probabilities = probs[row].tolist()
         return results
 
     # ---- set-up ---------------------------------------------------------------------------------------
