@@ -91,7 +91,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                     "effect; set it in the environment to avoid OpenMP spin-waiting")
     try:
         device = resolve_device(settings.device)
-        predictor = await asyncio.to_thread(build_predictor, settings, device, settings.checkpoint, False)
+        predictor = await asyncio.to_thread(build_predictor, settings, device, settings.checkpoint)
     except (CheckpointError, ValueError) as e:
         log.error("cannot start: %s", e)
         raise

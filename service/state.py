@@ -25,8 +25,11 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def build_predictor(settings: Settings, device: torch.device, path: Path, warm: bool = True) -> Predictor:
-    """Load and validate a checkpoint, and warm it up unless the caller does that elsewhere.
+def build_predictor(
+    settings: Settings, device: torch.device, path: Path, warm_threads: tuple[int, ...] = ()
+) -> Predictor:
+    """Load and validate a checkpoint, and warm it up at the given torch thread counts (a reload
+    passes the counts in use; start-up warms on the inference thread instead, see warm_up).
     Runs off the event loop; a model being served is untouched."""
     predictor = Predictor.load(
         path,
@@ -47,9 +50,23 @@ def build_predictor(settings: Settings, device: torch.device, path: Path, warm: 
         device,
         predictor.precision,
     )
-    if warm:
-        warm_up(predictor, settings.warmup_sizes(), settings.lone_threads)
+    if warm_threads:
+        took = warm_at(predictor, settings.warmup_sizes(), warm_threads)
+        log.info("warm-up at %s thread(s) took %.2fs", "/".join(map(str, warm_threads)), took)
     return predictor
+
+
+def warm_at(predictor: Predictor, sizes: list[int], threads: tuple[int, ...]) -> float:
+    """Run every batch size at each thread count (oneDNN builds its kernels per count); seconds."""
+    before = torch.get_num_threads()
+    took = 0.0
+    try:
+        for n in dict.fromkeys(threads):
+            torch.set_num_threads(n)
+            took += predictor.warmup(sizes)
+    finally:
+        torch.set_num_threads(before)
+    return took
 
 
 def warm_up(predictor: Predictor, sizes: list[int], all_threads: int) -> tuple[int, int]:
@@ -62,15 +79,14 @@ def warm_up(predictor: Predictor, sizes: list[int], all_threads: int) -> tuple[i
     0.99x and the default convnet's lone image 1.9x as long. A batch on every core takes a core from
     the decode threads, so it must be clearly faster (below 0.75x); a lone image only has to win
     (below 0.9x), since the decoders are idle then."""
-    took = predictor.warmup(sizes)
     few = torch.get_num_threads()
+    took = warm_at(predictor, sizes, (few, all_threads))
     if all_threads == few:  # pinned with --torch-threads, or a single core
         log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
         return few, few
     top = max(sizes)
     torch.set_num_threads(all_threads)
     try:
-        took += predictor.warmup(sizes)
         wide_one, wide_top = _time_batch(predictor, 1), _time_batch(predictor, top)
     finally:
         torch.set_num_threads(few)
@@ -167,7 +183,9 @@ class ServiceState:
         """Swap in a new model; raises CheckpointError and keeps the old one when it does not load."""
         async with self.reload_lock:
             try:
-                new = await asyncio.to_thread(build_predictor, self.settings, self.device, path)
+                # Warm at the thread counts the inference thread uses; no re-timing under live traffic.
+                threads = (self.batch_threads, self.lone_threads)
+                new = await asyncio.to_thread(build_predictor, self.settings, self.device, path, threads)
             except CheckpointError:
                 raise
             except Exception as e:  # warm-up failed: the file loaded but the model cannot run
