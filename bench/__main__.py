@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = report.machine_info()
         settings = {"max_batch_size": bs.max_batch_size,
                     "torch_threads": bs.torch_threads or (
-                        f"service auto, bound {bs.bound_torch_threads} (the service's batch threads), "
+                        "service auto (chosen at warm-up); bound: the service's batch threads (/v1/model); "
                         "baseline torch's default"),
                     "decode_threads": bs.decode_threads or "default (cores)",
                     "max_batch_wait_ms": bs.batch_wait_ms if bs.batch_wait_ms is not None else "default",

@@ -9,6 +9,7 @@ runs the fp32, bf16 and compiled services the same way, and checks their answers
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -91,7 +92,8 @@ class BenchSettings:
 
     @property
     def bound_torch_threads(self) -> int:
-        """The service's batch thread count: its auto rule is cores - 1 (one core left to decoding)."""
+        """The service's batch thread count before warm-up timing (cores - 1, one core left to decoding);
+        the bound uses what the running service reports instead (service_threads)."""
         return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
 
     def scaled(self, requests_at: dict[int, int]) -> dict[int, int]:
@@ -142,15 +144,18 @@ def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchS
     requests_at = bs.scaled(sc.requests_at)
     bounds: list[dict[str, Any]] = []
 
-    def bound_round(rnd: int) -> None:  # every round, so the bound sees the same machine as the servers
-        bounds.append(in_process_bound(ckpt, images.paths[0].parent,
-                                       max(16, round(sc.bound_count * bs.scale)), bs.max_batch_size,
-                                       bs.resolved_decode_threads, bs.bound_torch_threads))
-
     servers = _start_all([service_server(ckpt, bs.service_env(), logs),
                           baseline_server(ckpt, bs.torch_threads, logs)])
     try:
         model_info = http_get(servers[0].port, "/v1/model")[1].decode(errors="replace")
+        # The bound runs batches with the thread count the service's warm-up chose for this model.
+        threads = service_threads(model_info, bs.bound_torch_threads)
+
+        def bound_round(rnd: int) -> None:  # every round, so the bound sees the machine the servers see
+            bounds.append(in_process_bound(ckpt, images.paths[0].parent,
+                                           max(16, round(sc.bound_count * bs.scale)), bs.max_batch_size,
+                                           bs.resolved_decode_threads, threads))
+
         runs = alternate(servers, images.load(), "image/jpeg", requests_at, bs.rounds, bound_round)
     finally:
         for s in servers:
@@ -169,6 +174,15 @@ def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchS
                       for name, by_c in runs.items() for c, rs in by_c.items()],
         "runs": [r.to_dict() for by_c in runs.values() for rs in by_c.values() for r in rs],
     }
+
+
+def service_threads(model_info: str, fallback: int) -> int:
+    """The batch thread count a running service reports in /v1/model (fallback: its auto rule)."""
+    try:
+        return int(json.loads(model_info)["serving"]["torch_threads"]["batch"])
+    except (ValueError, KeyError, TypeError):
+        log.warning("/v1/model has no serving.torch_threads; the bound uses %d thread(s)", fallback)
+        return fallback
 
 
 def run_variants(key: str, ckpt: Path, sets: dict[str, ImageSet], image_set: str, concurrency: int,

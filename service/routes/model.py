@@ -26,5 +26,8 @@ async def model_info(request: Request) -> dict[str, Any]:
             "default_top_k": s.default_top_k,
             "max_upload_bytes": s.max_upload_bytes,
             "max_image_pixels": s.max_image_pixels,
+            "decode_threads": s.decode_workers,
+            # what warm-up chose (or --torch-threads pinned): intra-op threads for a batch / a lone image
+            "torch_threads": {"batch": st.batch_threads, "lone": st.lone_threads},
         },
     }

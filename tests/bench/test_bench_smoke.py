@@ -31,6 +31,9 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     data = json.loads(out.with_suffix(".json").read_text())
     scenario = data["results"]["scenarios"]["convnet-64"]
     assert scenario["bound"]["images_per_s"] > 0
+    # the bound runs with the batch thread count the service chose at warm-up
+    chosen = json.loads(scenario["service_model"])["serving"]["torch_threads"]["batch"]
+    assert scenario["bound"]["torch_threads"] == chosen
     by = {(s["server"], s["concurrency"]): s for s in scenario["summaries"]}
     assert set(by) == {(name, c) for name in ("service", "baseline") for c in (1, 4)}
     for s in by.values():

@@ -1,0 +1,79 @@
+"""service.state.warm_up: the torch thread counts for batches and lone images are chosen by timing.
+
+The predictor is faked (the unit under test is the choice, not the model): its warmup() sleeps for a
+time that depends on the batch size and on torch's current thread count, so each branch of the rule
+(all cores only when clearly faster) is driven deterministically.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import load_settings
+from service.state import warm_up
+
+
+class TimedModel:
+    """warmup(sizes) takes `cost[(threads, size)]` seconds per size; records what it was run at."""
+
+    def __init__(self, cost: dict[tuple[int, int], float]) -> None:
+        self.cost = cost
+        self.seen: list[tuple[int, int]] = []
+
+    def warmup(self, sizes: list[int]) -> float:
+        start = time.perf_counter()
+        for n in sizes:
+            key = (torch.get_num_threads(), n)
+            self.seen.append(key)
+            time.sleep(self.cost.get(key, 0.0))
+        return time.perf_counter() - start
+
+
+@pytest.fixture
+def one_thread() -> object:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("cost", "expected"),
+    [
+        # batch: 2 threads take 0.5x -> 2; lone: 0.95x is not a clear win -> 1
+        ({(1, 16): 0.040, (2, 16): 0.020, (1, 1): 0.020, (2, 1): 0.019}, (2, 1)),
+        # batch: 0.8x is not below 0.75x -> 1; lone: 0.5x -> 2
+        ({(1, 16): 0.040, (2, 16): 0.032, (1, 1): 0.020, (2, 1): 0.010}, (1, 2)),
+        # all cores slower for both (a small model on a busy machine) -> 1, 1
+        ({(1, 16): 0.020, (2, 16): 0.040, (1, 1): 0.005, (2, 1): 0.015}, (1, 1)),
+    ],
+)
+def test_warm_up_picks_all_cores_only_when_clearly_faster(
+    one_thread: object, cost: dict[tuple[int, int], float], expected: tuple[int, int]
+) -> None:
+    fake = TimedModel(cost)
+    assert warm_up(fake, [1, 4, 16], all_threads=2) == expected  # type: ignore[arg-type]
+    # every size was warmed at both counts (oneDNN builds kernels per thread count) ...
+    assert {(t, n) for t in (1, 2) for n in (1, 4, 16)} <= set(fake.seen)
+    # ... and the inference thread is left on the batch count it started with
+    assert torch.get_num_threads() == 1
+
+
+def test_pinned_threads_skip_the_timing(one_thread: object) -> None:
+    fake = TimedModel({})
+    assert warm_up(fake, [1, 2], all_threads=1) == (1, 1)  # type: ignore[arg-type]
+    assert fake.seen == [(1, 1), (1, 2)]
+
+
+def test_model_info_reports_the_threads_in_use(tiny_checkpoint: Path) -> None:
+    settings = load_settings(checkpoint=tiny_checkpoint, torch_threads=1, decode_threads=3, warmup="max")
+    with TestClient(create_app(settings)) as c:
+        serving = c.get("/v1/model").json()["serving"]
+    assert serving["torch_threads"] == {"batch": 1, "lone": 1}
+    assert serving["decode_threads"] == 3
