@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=int(settings.grace_period_s) or 1,
         server_header=False,
     )
+    failed = getattr(app.state, "convserve", None) and app.state.convserve.failed
+    if failed:
+        print(f"convserve-serve: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,10 +1,13 @@
 """The application factory and its lifespan: load, warm up, serve, drain.
 
 `create_app(settings)` builds the FastAPI app; nothing is read from the environment at import time.
-The lifespan loads the checkpoint on the resolved device, warms up every batch size the batcher will
-use, starts the batcher, and only then reports ready. On SIGTERM /readyz turns 503 while the
-listener stays open for in-flight work (bounded by the grace period), then uvicorn shuts down and the
-lifespan drains the batcher.
+The lifespan loads and verifies the checkpoint on the resolved device before the port opens (a wrong
+file or device stops start-up at once), then warms up in the background with the port open:
+/healthz answers 200 at once, so a liveness probe never kills a replica that is still warming up (a
+compiled model takes minutes), while /readyz and /v1/predict answer 503 `not_ready` until every batch
+size has run. A warm-up failure stops the process (non-zero exit). On SIGTERM /readyz turns 503 while
+the listener stays open for in-flight work (bounded by the grace period), then uvicorn shuts down and
+the lifespan drains the batcher.
 """
 
 from __future__ import annotations
@@ -99,25 +102,46 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.watch_gpus([device])
     state = ServiceState(settings, metrics, device, predictor)
     app.state.convserve = state
-    # Warm up on the inference thread itself: per-thread state (cuDNN/cuBLAS handles, allocator
-    # streams) is then ready where the model runs, not on a helper thread.
+    restore = _drain_on_sigterm(state, app.state.in_flight)
+    warming = asyncio.create_task(_warm_up_then_ready(state), name="warm-up")
     try:
+        yield
+    finally:
+        state.start_draining()
+        await asyncio.wait([warming])  # a warm-up in progress cannot be interrupted: let it end
+        await state.close()
+        restore()
+        log.info("stopped: batcher drained")
+
+
+async def _warm_up_then_ready(state: ServiceState) -> None:
+    """Warm up, start the batcher, report ready; on failure stop the server (exit status != 0)."""
+    settings, predictor = state.settings, state.predictor
+    try:
+        # On the inference thread itself: per-thread state (oneDNN kernels per thread count,
+        # cuDNN/cuBLAS handles, allocator streams) is then ready where the model runs.
         state.batch_threads, state.lone_threads = await state.batcher.call_in_worker(
             warm_up, predictor, settings.warmup_sizes(), settings.lone_threads
         )
+        await _warm_decode(state)
     except Exception as e:
-        log.error("cannot start: the model failed its warm-up: %s", e)
-        await state.close()
-        raise
+        state.failed = f"the model failed its warm-up: {e}"
+        log.error("cannot serve: %s", state.failed, exc_info=True)
+        # Under uvicorn (our SIGTERM wrapper is installed) this drains and stops the server; the
+        # process then exits non-zero (python -m service checks `failed`; bare uvicorn dies by the
+        # re-raised signal). Embedded in a test client there is no handler: /healthz says 503.
+        if callable(signal.getsignal(signal.SIGTERM)):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if state.draining:  # SIGTERM arrived during warm-up
+        return
     state.batcher.start()
-    await _warm_decode(state)
-    restore = _drain_on_sigterm(state, app.state.in_flight)
     state.set_ready(True)
     log.info(
         "ready: %s on %s (%s), max batch %d, queue limit %d, %d decode threads, %d torch threads "
         "(%d for a lone request), OMP_WAIT_POLICY=%s",
         predictor.name,
-        device,
+        state.device,
         settings.precision,
         settings.max_batch_size,
         settings.queue_limit,
@@ -126,13 +150,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.lone_threads,
         os.environ.get("OMP_WAIT_POLICY", "unset"),
     )
-    try:
-        yield
-    finally:
-        state.start_draining()
-        await state.close()
-        restore()
-        log.info("stopped: batcher drained")
 
 
 async def _warm_decode(state: ServiceState) -> None:

@@ -39,7 +39,11 @@ SERVICE_ERROR_CODES: Final[dict[str, tuple[int, str]]] = {
         500,
         "The model failed on the batch holding this request; the log has the request id.",
     ),
-    "not_ready": (503, "The service is still loading or warming up its model."),
+    "not_ready": (
+        503,
+        "The model is still warming up (the port opens before warm-up ends); retry after Retry-After.",
+    ),
+    "warmup_failed": (503, "/healthz and /readyz: the model failed its warm-up; the process is stopping."),
     "not_found": (404, "No such endpoint."),
     "method_not_allowed": (405, "The endpoint does not take this HTTP method."),
     "unauthorized": (401, "The X-API-Key header is missing."),
@@ -59,5 +63,6 @@ REJECTION_REASONS: Final[tuple[str, ...]] = (
     "shutting_down",
     "timeout",
     "internal_error",
+    "not_ready",
     "client_disconnected",
 )

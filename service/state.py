@@ -135,6 +135,7 @@ class ServiceState:
         self.lone_threads = settings.lone_threads
         self.ready = False
         self.draining = False
+        self.failed: str | None = None  # why warm-up failed; the process is stopping then
         metrics.watch_queue(lambda: self.batcher.depth, settings.queue_limit)
         self._publish_model()
 

@@ -76,6 +76,8 @@ async def reload_model(
     key = st.settings.admin_api_key
     _authorise(key.get_secret_value() if key else None, x_api_key)
     path = await _checkpoint_path(request, st.settings.checkpoint)
+    if not st.ready:  # the thread counts a reload warms at are chosen by the start-up warm-up
+        raise ServiceError("not_ready", "the model is still warming up; reload when /readyz says ready")
     if st.reload_lock.locked():
         raise ServiceError("reload_in_progress", "another reload is running")
     start = time.perf_counter()

@@ -13,8 +13,11 @@ from service.state import get_state
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
-async def healthz() -> JSONResponse:
+@router.get("/healthz", summary="Liveness: the process answers (also while warming up)")
+async def healthz(request: Request) -> JSONResponse:
+    st = get_state(request)
+    if st.failed:  # the process is stopping; an orchestrator should replace it
+        return error_response(request, 503, "warmup_failed", st.failed)
     return JSONResponse({"status": "ok"})
 
 
@@ -23,8 +26,10 @@ async def readyz(request: Request) -> JSONResponse:
     st = get_state(request)
     if st.draining:
         return error_response(request, 503, "shutting_down", "draining after SIGTERM; send no new work")
+    if st.failed:
+        return error_response(request, 503, "warmup_failed", st.failed)
     if not st.ready:
-        return error_response(request, 503, "not_ready", "the model is still loading or warming up")
+        return error_response(request, 503, "not_ready", "the model is still warming up")
     return JSONResponse({"status": "ready", "model": st.predictor.model_ref()})
 
 

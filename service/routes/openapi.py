@@ -87,7 +87,8 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": _error("invalid_parameter", "top_k: Input should be <= 1000"),
     },
     503: {
-        "description": "Queue full (see Retry-After)",
+        "description": "Queue full, still warming up, or shutting down (`overloaded`, `not_ready`, "
+        "`shutting_down`; see Retry-After)",
         "content": _error("overloaded", "the server is busy"),
     },
     504: {"description": "Timed out", "content": _error("timeout", "no answer within 30s")},

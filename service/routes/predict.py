@@ -87,6 +87,8 @@ async def predict(
     ] = None,
 ) -> Response:
     st = get_state(request)
+    if not st.ready:  # warming up (the port opens first): answer now rather than queue behind it
+        raise ServiceError("not_ready", "the model is still warming up; retry shortly", headers=RETRY)
     s = st.settings
     start = time.perf_counter()
     check_declared_length(request.headers.get("content-length"), s.max_upload_bytes)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
+from fastapi import FastAPI
+
+with warnings.catch_warnings():  # starlette asks for httpx2, which is not installed here
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
 
 from tests.conftest import TINY_LABELS, LiveServer
 
@@ -28,3 +38,14 @@ def same(a: list[dict[str, object]], b: list[dict[str, object]]) -> bool:
 
 def rejected(server: LiveServer, reason: str) -> float:
     return server.metrics().get(f'convserve_rejected_images_total{{reason="{reason}"}}', 0.0)
+
+
+@contextmanager
+def ready_client(app: FastAPI, timeout: float = 60.0) -> Iterator[TestClient]:
+    """An in-process client, entered once the app has finished its background warm-up."""
+    with TestClient(app) as c:
+        end = time.monotonic() + timeout
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < end, f"not ready in {timeout}s: {c.get('/readyz').json()}"
+            time.sleep(0.01)
+        yield c

@@ -22,6 +22,7 @@ from service.settings import Settings, SettingsError, load_settings
 from service.state import ServiceState
 from tests import images
 from tests.conftest import REPO
+from tests.service.helpers import ready_client
 
 
 def _settings(checkpoint: Path, **kw: Any) -> Settings:
@@ -109,7 +110,7 @@ def test_auto_device_without_cuda_serves_on_cpu(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(model.device, "cuda_device_count", lambda: 0)
-    with TestClient(create_app(_settings(tiny_checkpoint, device="auto"))) as c:
+    with ready_client(create_app(_settings(tiny_checkpoint, device="auto"))) as c:
         assert c.get("/v1/model").json()["device"] == "cpu"
 
 
@@ -129,7 +130,7 @@ def test_model_exception_fails_only_its_batch(
     tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = create_app(_settings(tiny_checkpoint))
-    with TestClient(app) as c:
+    with ready_client(app) as c:
         state: ServiceState = app.state.convserve
         real_run = state.predictor.run
         calls = 0
@@ -155,7 +156,7 @@ def test_model_exception_fails_only_its_batch(
 
 
 def test_reload_disabled_without_an_admin_key(tiny_checkpoint: Path) -> None:
-    with TestClient(create_app(_settings(tiny_checkpoint))) as c:
+    with ready_client(create_app(_settings(tiny_checkpoint))) as c:
         r = c.post("/v1/model/reload", headers={"X-API-Key": "anything"})
         assert r.status_code == 403
         assert r.json()["error"]["code"] == "reload_disabled"
@@ -165,7 +166,7 @@ def test_reload_disabled_without_an_admin_key(tiny_checkpoint: Path) -> None:
 def test_json_logs(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    with TestClient(create_app(_settings(tiny_checkpoint, log_format="json"))):
+    with ready_client(create_app(_settings(tiny_checkpoint, log_format="json"))):
         pass
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     assert any(d["logger"] == "service.app" and d["message"].startswith("ready:") for d in lines)
@@ -178,7 +179,7 @@ def test_traced_model_answers_like_eager(tiny_checkpoint: Path) -> None:
     answers = []
     for mode in ("off", "trace"):
         app = create_app(_settings(tiny_checkpoint, compile=mode, max_batch_size=2, warmup="all"))
-        with TestClient(app) as c:
+        with ready_client(app) as c:
             assert c.get("/v1/model").json()["compile"] == mode
             answers.append(c.post("/v1/predict", content=images.jpeg(), params={"top_k": 6}).json())
     eager, traced = (a["predictions"] for a in answers)

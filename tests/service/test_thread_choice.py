@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import load_settings
 from service.state import warm_up
+from tests.service.helpers import ready_client
 
 
 class TimedModel:
@@ -73,7 +73,7 @@ def test_pinned_threads_skip_the_timing(one_thread: object) -> None:
 
 def test_model_info_reports_the_threads_in_use(tiny_checkpoint: Path) -> None:
     settings = load_settings(checkpoint=tiny_checkpoint, torch_threads=1, decode_threads=3, warmup="max")
-    with TestClient(create_app(settings)) as c:
+    with ready_client(create_app(settings)) as c:
         serving = c.get("/v1/model").json()["serving"]
     assert serving["torch_threads"] == {"batch": 1, "lone": 1}
     assert serving["decode_threads"] == 3
