@@ -57,8 +57,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0,
         ge=0,
-        description="torch intra-op threads; 0 = auto: batches use cores-1 (at least 1), leaving a core "
-        "to decoding, and a lone request with nothing queued uses every core",
+        description="torch intra-op threads; 0 = auto: warm-up times the model on cores-1 (leaving a "
+        "core to decoding) and on every core, separately for batches and for a lone request, and keeps "
+        "the faster (GET /v1/model shows the choice)",
     )
     warmup: Literal["all", "pow2", "max"] = Field(
         "pow2", description="batch sizes warmed up before ready: every size, powers of two, or max only"
