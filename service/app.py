@@ -36,6 +36,7 @@ from service.http_errors import REJECTION_REASONS
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.middleware import InFlight, RequestContextMiddleware
+from service.predictor import WarmupStopped
 from service.settings import Settings, load_settings
 from service.state import ServiceState, build_predictor, warm_up
 
@@ -102,40 +103,43 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.watch_gpus([device])
     state = ServiceState(settings, metrics, device, predictor)
     app.state.convserve = state
-    restore = _drain_on_sigterm(state, app.state.in_flight)
-    warming = asyncio.create_task(_warm_up_then_ready(state), name="warm-up")
+    restore, stop_server = _drain_on_sigterm(state, app.state.in_flight)
+    warming = asyncio.create_task(_warm_up_then_ready(state, stop_server), name="warm-up")
     try:
         yield
     finally:
-        state.start_draining()
-        await asyncio.wait([warming])  # a warm-up in progress cannot be interrupted: let it end
+        state.start_draining()  # also tells a running warm-up to stop at its next batch size
+        await asyncio.wait([warming])
         await state.close()
         restore()
         log.info("stopped: batcher drained")
 
 
-async def _warm_up_then_ready(state: ServiceState) -> None:
-    """Warm up, start the batcher, report ready; on failure stop the server (exit status != 0)."""
+async def _warm_up_then_ready(state: ServiceState, stop_server: Callable[[], None] | None) -> None:
+    """Warm up, start the batcher, report ready. On failure mark the state failed and stop the
+    server with `stop_server` (under uvicorn: our SIGTERM path, and the process exits non-zero:
+    python -m service checks `failed`, bare uvicorn dies by the re-raised signal). Without it (an
+    in-process test client) /healthz says 503 and the embedder decides."""
     settings, predictor = state.settings, state.predictor
     try:
         # On the inference thread itself: per-thread state (oneDNN kernels per thread count,
         # cuDNN/cuBLAS handles, allocator streams) is then ready where the model runs.
         state.batch_threads, state.lone_threads = await state.batcher.call_in_worker(
-            warm_up, predictor, settings.warmup_sizes(), settings.lone_threads
+            warm_up, predictor, settings.warmup_sizes(), settings.lone_threads, state.stopping
         )
         await _warm_decode(state)
+        if state.draining:  # SIGTERM arrived during the decode warm-up
+            return
+        state.batcher.start()
+    except WarmupStopped:
+        log.info("warm-up stopped: shutting down before ready")
+        return
     except Exception as e:
         state.failed = f"the model failed its warm-up: {e}"
         log.error("cannot serve: %s", state.failed, exc_info=True)
-        # Under uvicorn (our SIGTERM wrapper is installed) this drains and stops the server; the
-        # process then exits non-zero (python -m service checks `failed`; bare uvicorn dies by the
-        # re-raised signal). Embedded in a test client there is no handler: /healthz says 503.
-        if callable(signal.getsignal(signal.SIGTERM)):
-            os.kill(os.getpid(), signal.SIGTERM)
+        if stop_server is not None:
+            stop_server()
         return
-    if state.draining:  # SIGTERM arrived during warm-up
-        return
-    state.batcher.start()
     state.set_ready(True)
     log.info(
         "ready: %s on %s (%s), max batch %d, queue limit %d, %d decode threads, %d torch threads "
@@ -172,14 +176,20 @@ async def _warm_decode(state: ServiceState) -> None:
     await asyncio.gather(*jobs)
 
 
-def _drain_on_sigterm(state: ServiceState, in_flight: InFlight) -> Callable[[], None]:
+def _drain_on_sigterm(
+    state: ServiceState, in_flight: InFlight
+) -> tuple[Callable[[], None], Callable[[], None] | None]:
     """Wrap the server's SIGTERM handler: first mark not-ready and let in-flight work finish with the
-    listener still open (a load balancer may still route to us for a moment), then hand over."""
+    listener still open (a load balancer may still route to us for a moment), then hand over.
+
+    Returns (restore the previous handler, stop this server through that path); the second is None
+    when nothing was wrapped (not under uvicorn's signal handling, e.g. an in-process test client),
+    so that the service never signals a process it does not own."""
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+        return (lambda: None), None
     previous = signal.getsignal(signal.SIGTERM)
     if not callable(previous):  # not under uvicorn (an in-process test client): nothing to wrap
-        return lambda: None
+        return (lambda: None), None
     loop = asyncio.get_running_loop()
     settings = state.settings
     tasks: set[asyncio.Task[None]] = set()
@@ -214,4 +224,8 @@ def _drain_on_sigterm(state: ServiceState, in_flight: InFlight) -> Callable[[], 
         if signal.getsignal(signal.SIGTERM) is on_sigterm:
             signal.signal(signal.SIGTERM, previous)
 
-    return restore
+    def stop_server() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return restore, stop_server

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ from service.optimize import allow_graphs, bucket, fold_batchnorm, optimise
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class WarmupStopped(Exception):
+    """Warm-up was asked to stop (the service is shutting down before it became ready)."""
 
 
 @dataclass(slots=True)
@@ -175,20 +180,28 @@ class Predictor:
         return results
 
     # ---- set-up ---------------------------------------------------------------------------------------
-    def warmup(self, sizes: list[int]) -> float:
-        """Run each batch size once (allocator, cuDNN/oneDNN algorithm choice); returns seconds."""
+    def warmup(self, sizes: list[int], stop: threading.Event | None = None) -> float:
+        """Run each batch size once (allocator, cuDNN/oneDNN algorithm choice, trace/compile graphs)
+        and make them the batch buckets; returns seconds. Raises WarmupStopped when `stop` is set
+        between two sizes (SIGTERM during start-up)."""
         start = time.perf_counter()
         if self.compile != "off":
             allow_graphs(len(sizes))
         for n in sizes:
-            probs = self._forward([self._blank] * n)
-            if not torch.isfinite(probs).all():
-                raise CheckpointError(f"{self.path}: the model produced NaN/inf on a blank warm-up batch")
-        if self._cuda:
-            torch.cuda.synchronize(self.device)
+            if stop is not None and stop.is_set():
+                raise WarmupStopped("warm-up stopped: the service is shutting down")
+            self.run_blank(n)
         if self.compile != "off":
             self.buckets = sorted(set(sizes))
         return time.perf_counter() - start
+
+    def run_blank(self, n: int) -> None:
+        """One blank batch of n through the model, checked for NaN/inf; leaves the buckets alone."""
+        probs = self._forward([self._blank] * n)
+        if not torch.isfinite(probs).all():
+            raise CheckpointError(f"{self.path}: the model produced NaN/inf on a blank warm-up batch")
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
 
     def model_ref(self) -> dict[str, str]:
         return dict(self.ref)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,22 +57,27 @@ def build_predictor(
     return predictor
 
 
-def warm_at(predictor: Predictor, sizes: list[int], threads: tuple[int, ...]) -> float:
+def warm_at(
+    predictor: Predictor, sizes: list[int], threads: tuple[int, ...], stop: threading.Event | None = None
+) -> float:
     """Run every batch size at each thread count (oneDNN builds its kernels per count); seconds."""
     before = torch.get_num_threads()
     took = 0.0
     try:
         for n in dict.fromkeys(threads):
             torch.set_num_threads(n)
-            took += predictor.warmup(sizes)
+            took += predictor.warmup(sizes, stop)
     finally:
         torch.set_num_threads(before)
     return took
 
 
-def warm_up(predictor: Predictor, sizes: list[int], all_threads: int) -> tuple[int, int]:
+def warm_up(
+    predictor: Predictor, sizes: list[int], all_threads: int, stop: threading.Event | None = None
+) -> tuple[int, int]:
     """Warm every batch size with the batch thread count and with `all_threads` (oneDNN builds its
-    kernels per thread count). Run it on the thread that will run the model.
+    kernels per thread count). Run it on the thread that will run the model; `stop` ends it early
+    (WarmupStopped) between two batch sizes.
 
     Returns (threads for a batch, threads for a lone image), chosen by timing both counts here,
     because neither is right for every model on every machine (docs/benchmarks.md): on 2 cores
@@ -80,7 +86,7 @@ def warm_up(predictor: Predictor, sizes: list[int], all_threads: int) -> tuple[i
     the decode threads, so it must be clearly faster (below 0.75x); a lone image only has to win
     (below 0.9x), since the decoders are idle then."""
     few = torch.get_num_threads()
-    took = warm_at(predictor, sizes, (few, all_threads))
+    took = warm_at(predictor, sizes, (few, all_threads), stop)
     if all_threads == few:  # pinned with --torch-threads, or a single core
         log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
         return few, few
@@ -103,11 +109,12 @@ def warm_up(predictor: Predictor, sizes: list[int], all_threads: int) -> tuple[i
 
 
 def _time_batch(predictor: Predictor, n: int, repeats: int = 3) -> float:
-    """Median seconds for a blank batch of n through the (already warmed) model."""
+    """Median seconds for a blank batch of n through the (already warmed) model. Uses run_blank, not
+    warmup: warmup would also reset the trace/compile batch buckets to [n]."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        predictor.warmup([n])
+        predictor.run_blank(n)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -129,13 +136,14 @@ class ServiceState:
             name="inference",
         )
         self.reload_lock = asyncio.Lock()
-        # A lone image (batch of one, nothing queued) may use every core: the decode threads are idle
-        # then, and one client's latency should not pay for the cores kept free for decoding.
+        # Torch threads for a batch and for a lone image (batch of one, nothing queued): start-up
+        # warm-up replaces these defaults with what it timed as faster (service.state.warm_up).
         self.batch_threads = settings.batch_threads
         self.lone_threads = settings.lone_threads
         self.ready = False
         self.draining = False
         self.failed: str | None = None  # why warm-up failed; the process is stopping then
+        self.stopping = threading.Event()  # read by a warm-up still running on the inference thread
         metrics.watch_queue(lambda: self.batcher.depth, settings.queue_limit)
         self._publish_model()
 
@@ -145,6 +153,7 @@ class ServiceState:
 
     def start_draining(self) -> None:
         self.draining = True
+        self.stopping.set()
         self.metrics.ready.set(0)
 
     # ---- inference thread ---------------------------------------------------------------------------

@@ -24,10 +24,10 @@ async def healthz(request: Request) -> JSONResponse:
 @router.get("/readyz", summary="Readiness: model loaded and warmed up, not draining")
 async def readyz(request: Request) -> JSONResponse:
     st = get_state(request)
+    if st.failed:  # checked first: a failed warm-up also drains (it stops the server)
+        return error_response(request, 503, "warmup_failed", st.failed)
     if st.draining:
         return error_response(request, 503, "shutting_down", "draining after SIGTERM; send no new work")
-    if st.failed:
-        return error_response(request, 503, "warmup_failed", st.failed)
     if not st.ready:
         return error_response(request, 503, "not_ready", "the model is still warming up")
     return JSONResponse({"status": "ready", "model": st.predictor.model_ref()})

@@ -27,7 +27,8 @@ async def model_info(request: Request) -> dict[str, Any]:
             "max_upload_bytes": s.max_upload_bytes,
             "max_image_pixels": s.max_image_pixels,
             "decode_threads": s.decode_workers,
-            # what warm-up chose (or --torch-threads pinned): intra-op threads for a batch / a lone image
-            "torch_threads": {"batch": st.batch_threads, "lone": st.lone_threads},
+            # what warm-up chose (or --torch-threads pinned): intra-op threads for a batch / a lone
+            # image; null until warm-up has chosen
+            "torch_threads": {"batch": st.batch_threads, "lone": st.lone_threads} if st.ready else None,
         },
     }

@@ -87,8 +87,6 @@ async def predict(
     ] = None,
 ) -> Response:
     st = get_state(request)
-    if not st.ready:  # warming up (the port opens first): answer now rather than queue behind it
-        raise ServiceError("not_ready", "the model is still warming up; retry shortly", headers=RETRY)
     s = st.settings
     start = time.perf_counter()
     check_declared_length(request.headers.get("content-length"), s.max_upload_bytes)
@@ -99,6 +97,9 @@ async def predict(
         return Response(status_code=499)  # nobody is listening; recorded in the request metrics only
     content_type = request.headers.get("content-type")
     parsed = parse_body(body, content_type, s.max_images_per_request)
+    if not st.ready:  # warming up (the port opens first): answer now rather than queue behind it
+        message = "the model is still warming up; retry shortly"
+        raise ServiceError("not_ready", message, headers=RETRY, images=len(parsed.entries))
     read_s = time.perf_counter() - start
 
     predictor = st.predictor  # one model for the whole request, even if a reload lands meanwhile

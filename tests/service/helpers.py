@@ -45,7 +45,8 @@ def ready_client(app: FastAPI, timeout: float = 60.0) -> Iterator[TestClient]:
     """An in-process client, entered once the app has finished its background warm-up."""
     with TestClient(app) as c:
         end = time.monotonic() + timeout
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < end, f"not ready in {timeout}s: {c.get('/readyz').json()}"
+        while (ready := c.get("/readyz")).status_code != 200:
+            assert ready.json()["error"]["code"] == "not_ready", ready.json()  # e.g. warmup_failed
+            assert time.monotonic() < end, f"not ready in {timeout}s: {ready.json()}"
             time.sleep(0.01)
         yield c

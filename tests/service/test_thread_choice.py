@@ -1,46 +1,61 @@
 """service.state.warm_up: the torch thread counts for batches and lone images are chosen by timing.
 
-The predictor is faked (the unit under test is the choice, not the model): its warmup() sleeps for a
-time that depends on the batch size and on torch's current thread count, so each branch of the rule
-(all cores only when clearly faster) is driven deterministically.
+The predictor is faked (the unit under test is the choice, not the model): a blank batch advances a
+fake clock by a cost that depends on the batch size and on torch's current thread count, so each
+branch of the rule (all cores only when clearly faster) is driven deterministically. One test runs
+the real traced predictor through the timing, which must not disturb its batch buckets.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+import service.state
 from service.app import create_app
+from service.predictor import Predictor
 from service.settings import load_settings
 from service.state import warm_up
 from tests.service.helpers import ready_client
 
 
 class TimedModel:
-    """warmup(sizes) takes `cost[(threads, size)]` seconds per size; records what it was run at."""
+    """Each blank batch of n at t threads costs `cost[(t, n)]` seconds on a fake clock (no sleeping,
+    so the choice is deterministic on a loaded machine); records what it was run at."""
 
-    def __init__(self, cost: dict[tuple[int, int], float]) -> None:
+    def __init__(self, cost: dict[tuple[int, int], float], clock: list[float]) -> None:
         self.cost = cost
+        self.clock = clock
         self.seen: list[tuple[int, int]] = []
 
-    def warmup(self, sizes: list[int]) -> float:
-        start = time.perf_counter()
+    def run_blank(self, n: int) -> None:
+        key = (torch.get_num_threads(), n)
+        self.seen.append(key)
+        self.clock[0] += self.cost.get(key, 0.001)
+
+    def warmup(self, sizes: list[int], stop: object = None) -> float:
+        start = self.clock[0]
         for n in sizes:
-            key = (torch.get_num_threads(), n)
-            self.seen.append(key)
-            time.sleep(self.cost.get(key, 0.0))
-        return time.perf_counter() - start
+            self.run_blank(n)
+        return self.clock[0] - start
 
 
 @pytest.fixture
-def one_thread() -> object:
+def one_thread() -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    now = [0.0]
+    monkeypatch.setattr(service.state.time, "perf_counter", lambda: now[0])
+    return now
 
 
 @pytest.mark.parametrize(
@@ -55,9 +70,9 @@ def one_thread() -> object:
     ],
 )
 def test_warm_up_picks_all_cores_only_when_clearly_faster(
-    one_thread: object, cost: dict[tuple[int, int], float], expected: tuple[int, int]
+    one_thread: None, clock: list[float], cost: dict[tuple[int, int], float], expected: tuple[int, int]
 ) -> None:
-    fake = TimedModel(cost)
+    fake = TimedModel(cost, clock)
     assert warm_up(fake, [1, 4, 16], all_threads=2) == expected  # type: ignore[arg-type]
     # every size was warmed at both counts (oneDNN builds kernels per thread count) ...
     assert {(t, n) for t in (1, 2) for n in (1, 4, 16)} <= set(fake.seen)
@@ -65,8 +80,8 @@ def test_warm_up_picks_all_cores_only_when_clearly_faster(
     assert torch.get_num_threads() == 1
 
 
-def test_pinned_threads_skip_the_timing(one_thread: object) -> None:
-    fake = TimedModel({})
+def test_pinned_threads_skip_the_timing(one_thread: None, clock: list[float]) -> None:
+    fake = TimedModel({}, clock)
     assert warm_up(fake, [1, 2], all_threads=1) == (1, 1)  # type: ignore[arg-type]
     assert fake.seen == [(1, 1), (1, 2)]
 
@@ -77,3 +92,10 @@ def test_model_info_reports_the_threads_in_use(tiny_checkpoint: Path) -> None:
         serving = c.get("/v1/model").json()["serving"]
     assert serving["torch_threads"] == {"batch": 1, "lone": 1}
     assert serving["decode_threads"] == 3
+
+
+def test_timing_keeps_the_trace_buckets(one_thread: None, tiny_checkpoint: Path) -> None:
+    """The thread timing runs single sizes; the trace/compile buckets stay every warmed size."""
+    p = Predictor.load(tiny_checkpoint, torch.device("cpu"), compile="trace", max_batch_size=4)
+    warm_up(p, [1, 2, 4], all_threads=2)
+    assert p.buckets == [1, 2, 4]

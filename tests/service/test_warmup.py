@@ -6,13 +6,16 @@ one that blocks until the test releases it, or that fails; everything else is th
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 with warnings.catch_warnings():  # starlette asks for httpx2, which is not installed here
@@ -23,7 +26,7 @@ import service.app
 from service.app import create_app
 from service.settings import load_settings
 from tests import images
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.service.helpers import ready_client
 
 
@@ -41,18 +44,23 @@ def test_port_answers_during_warm_up(tiny_checkpoint: Path, monkeypatch: pytest.
 
     monkeypatch.setattr(service.app, "warm_up", slow_warm_up)
     with TestClient(create_app(_settings(tiny_checkpoint))) as c:
-        assert c.get("/healthz").json() == {"status": "ok"}  # a liveness probe does not kill us
-        ready = c.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
-        early = c.post("/v1/predict", content=images.jpeg())
-        assert early.status_code == 503 and early.headers["retry-after"] == "1"
-        assert early.json()["error"]["code"] == "not_ready"
-        reload = c.post("/v1/model/reload", headers={"X-API-Key": "k"})
-        assert reload.status_code == 503 and reload.json()["error"]["code"] == "not_ready"
-        metrics = c.get("/metrics").text
-        assert 'convserve_rejected_images_total{reason="not_ready"} 1.0' in metrics
-        assert "convserve_ready 0.0" in metrics
-        release.set()
+        try:
+            assert c.get("/healthz").json() == {"status": "ok"}  # a liveness probe does not kill us
+            ready = c.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+            assert c.get("/v1/model").json()["serving"]["torch_threads"] is None  # not chosen yet
+            early = c.post("/v1/predict", content=images.jpeg())
+            assert early.status_code == 503 and early.headers["retry-after"] == "1"
+            assert early.json()["error"]["code"] == "not_ready"
+            files = [("file", (f"{i}.jpg", images.jpeg(), "image/jpeg")) for i in range(2)]
+            assert c.post("/v1/predict", files=files).status_code == 503
+            reload = c.post("/v1/model/reload", headers={"X-API-Key": "k"})
+            assert reload.status_code == 503 and reload.json()["error"]["code"] == "not_ready"
+            metrics = c.get("/metrics").text
+            assert 'convserve_rejected_images_total{reason="not_ready"} 3.0' in metrics  # 1 + 2 images
+            assert "convserve_ready 0.0" in metrics
+        finally:
+            release.set()
 
 
 def test_requests_succeed_once_warm(tiny_checkpoint: Path) -> None:
@@ -96,3 +104,37 @@ def test_failed_warm_up_stops_the_process(tiny_checkpoint: Path) -> None:
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "the model failed its warm-up: the model failed on purpose" in proc.stderr
+
+
+def test_sigterm_during_warm_up_stops_it(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A real `python -m service` told to stop while warming up stops at the next batch size and
+    exits 0 without ever reporting ready. Each blank batch is made slow so SIGTERM lands mid-way."""
+    port = free_port()
+    code = (
+        "import sys, time, service.predictor as p\n"
+        "run = p.Predictor.run_blank\n"
+        "def slow(self, n):\n"
+        "    time.sleep(1.0)\n"
+        "    run(self, n)\n"
+        "p.Predictor.run_blank = slow\n"
+        "from service.__main__ import main\n"
+        f"sys.exit(main(['--checkpoint', {str(tiny_checkpoint)!r}, '--port', '{port}',"
+        " '--torch-threads', '1', '--max-batch-size', '64', '--drain-delay-s', '0']))\n"
+    )
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):  # the port opens once the checkpoint is loaded, before warm-up ends
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 503
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert "warm-up stopped" in text and "ready:" not in text, text
