@@ -58,7 +58,7 @@ class _Entry(Generic[In, Out]):
 class DynamicBatcher(Generic[In, Out]):
     def __init__(
         self,
-        fn: Callable[[list[In]], Sequence[Out]],
+        fn: Callable[[list[In]], Sequence[Out | Exception]],
         *,
         max_size: int,
         max_wait_s: float,
@@ -234,7 +234,11 @@ class DynamicBatcher(Generic[In, Out]):
         finally:
             self.busy = False
         for e, out in zip(batch, outs, strict=True):
-            if not e.future.done():
+            if e.future.done():
+                continue
+            if isinstance(out, Exception):  # the batch function failed this one item, not the batch
+                e.future.set_exception(out)
+            else:
                 e.future.set_result(out)
 
     def _fail_all(self, exc: Exception) -> None:

@@ -37,7 +37,8 @@ SERVICE_ERROR_CODES: Final[dict[str, tuple[int, str]]] = {
     "timeout": (504, "The request waited longer than CONVSERVE_REQUEST_TIMEOUT_S."),
     "internal_error": (
         500,
-        "The model failed on the batch holding this request; the log has the request id.",
+        "The model failed on the batch holding this request, or gave NaN/inf for its image; the log "
+        "has the request id.",
     ),
     "not_ready": (
         503,

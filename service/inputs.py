@@ -145,8 +145,10 @@ def parse_json(body: bytes) -> list[Entry]:
         raise ImageError("empty_body", 'the request body is empty; send {"images": ["<base64>", ...]}')
     try:
         doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ImageError("bad_request", f"the body is not valid JSON: {e}", 400) from None
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and over-long integers; RecursionError
+    # is a deeply nested document ("[[[[..."): all the client's doing, never a 500.
+    except (ValueError, RecursionError) as e:
+        raise ImageError("bad_request", f"the body is not valid JSON: {str(e)[:200]}", 400) from None
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list) or not images:
         raise ImageError(

@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+class NonFiniteOutput(RuntimeError):
+    """The model produced NaN/inf probabilities for one image (e.g. an fp16 overflow): that image's
+    request fails as a server error; the other images of the batch are answered."""
+
+
 class WarmupStopped(Exception):
     """Warm-up was asked to stop (the service is shutting down before it became ready)."""
 
@@ -151,16 +156,23 @@ class Predictor:
             # .cpu() synchronises with the device, so the pinned buffer is free again afterwards.
             return logits.float().softmax(dim=-1).cpu()
 
-    def run(self, jobs: list[Job]) -> list[JobResult]:
+    def run(self, jobs: list[Job]) -> list[JobResult | NonFiniteOutput]:
+        """One result per job, in order; a job whose probabilities are not finite gets NonFiniteOutput
+        (never a NaN in a JSON answer or in the confidence metrics)."""
         start = time.perf_counter()
         probs = self.forward([j.image for j in jobs])  # (B, classes)
         inference_s = time.perf_counter() - start
         k = max(j.top_k for j in jobs)
         top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
         top_p_rows, top_i_rows = top_p.tolist(), top_i.tolist()
+        finite = torch.isfinite(probs).all(dim=1).tolist()
         labels = self.labels
-        results = []
+        results: list[JobResult | NonFiniteOutput] = []
         for row, (job, ps, idx) in enumerate(zip(jobs, top_p_rows, top_i_rows, strict=True)):
+            if not finite[row]:
+                message = f"{self.name} ({self.precision}) produced NaN/inf probabilities"
+                results.append(NonFiniteOutput(message))
+                continue
             preds = [
                 {"label": labels[i], "index": i, "probability": p}
                 for p, i in zip(ps[: job.top_k], idx[: job.top_k], strict=True)

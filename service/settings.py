@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CONVSERVE_"
@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(
         2.0, ge=0, le=10_000, description="how long a batch already forming may wait to fill up"
     )
-    queue_limit: int = Field(256, ge=1, description="images waiting for the model; beyond it 503")
+    queue_limit: int = Field(256, ge=1, description="images decoding or waiting for the model; beyond it 503")
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (413)")
@@ -83,6 +83,16 @@ class Settings(BaseSettings):
     def _checkpoint_is_file(cls, v: Path) -> Path:
         if not v.is_file():
             raise ValueError(f"no checkpoint file at {v} (export one: python -m training export ...)")
+        return v
+
+    @field_validator("max_images_per_request")
+    @classmethod
+    def _fits_the_queue(cls, v: int, info: ValidationInfo) -> int:
+        # A request is queued all or nothing: one larger than the queue would get 503 with
+        # Retry-After forever, so refuse the combination at start-up instead.
+        limit = info.data.get("queue_limit")
+        if isinstance(limit, int) and v > limit:
+            raise ValueError(f"must be <= queue_limit ({limit}): a larger request could never be queued")
         return v
 
     @field_validator("device")

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from model.checkpoint import CheckpointError
 from service.batching import DynamicBatcher
 from service.metrics import Metrics
-from service.predictor import Job, JobResult, Predictor
+from service.predictor import Job, JobResult, NonFiniteOutput, Predictor
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ class ServiceState:
         self.draining = False
         self.failed: str | None = None  # why warm-up failed; the process is stopping then
         self.stopping = threading.Event()  # read by a warm-up still running on the inference thread
+        self.decoding = 0  # images in the decode pool (event loop only); counts against queue_limit
         metrics.watch_queue(lambda: self.batcher.depth, settings.queue_limit)
         self._publish_model()
 
@@ -157,19 +158,15 @@ class ServiceState:
         self.metrics.ready.set(0)
 
     # ---- inference thread ---------------------------------------------------------------------------
-    def run_batch(self, jobs: list[Job]) -> list[JobResult]:
-        """Batch function (inference thread). Jobs decoded for a model whose preprocessing differs
-        from the current one (a reload changed the input size) finish on the model they were made for."""
-        current = self.predictor
+    def run_batch(self, jobs: list[Job]) -> list[JobResult | NonFiniteOutput]:
+        """Batch function (inference thread). Every job runs on the model its request started with
+        (Job.predictor): a reload never answers one request with two models, and images decoded for
+        the old preprocessing never meet the new model. Right after a swap a batch may hold both
+        models' jobs; they run as two forward passes."""
         groups: dict[int, tuple[Predictor, list[int]]] = {}
         for i, job in enumerate(jobs):
-            p = (
-                current
-                if job.predictor is current or job.predictor.preprocess == current.preprocess
-                else job.predictor
-            )
-            groups.setdefault(id(p), (p, []))[1].append(i)
-        results: list[JobResult | None] = [None] * len(jobs)
+            groups.setdefault(id(job.predictor), (job.predictor, []))[1].append(i)
+        results: list[JobResult | NonFiniteOutput | None] = [None] * len(jobs)
         lone = len(jobs) == 1 and self.batcher.depth == 0
         threads = self.lone_threads if lone else self.batch_threads
         if threads != torch.get_num_threads():  # per-thread OpenMP setting: cheap, no pool rebuild
@@ -182,6 +179,8 @@ class ServiceState:
                 log.exception("inference failed for a batch of %d image(s) on %s", len(rows), predictor.name)
                 raise
             for i, r in zip(rows, out, strict=True):
+                if isinstance(r, NonFiniteOutput):
+                    log.error("%s (batch of %d); that request fails", r, len(rows))
                 results[i] = r
         m = self.metrics
         m.stage["inference"].observe(time.perf_counter() - start)

@@ -54,8 +54,10 @@ async def _checkpoint_path(request: Request, default: Path) -> Path:
         return default
     try:
         doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ImageError("bad_request", f"the body is not valid JSON: {e}", 400) from None
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and over-long integers; RecursionError
+    # is a deeply nested document ("[[[[..."): all the client's doing, never a 500.
+    except (ValueError, RecursionError) as e:
+        raise ImageError("bad_request", f"the body is not valid JSON: {str(e)[:200]}", 400) from None
     path = doc.get("checkpoint") if isinstance(doc, dict) else None
     if path is None and isinstance(doc, dict) and not doc:
         return default

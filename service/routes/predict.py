@@ -104,24 +104,28 @@ async def predict(
 
     predictor = st.predictor  # one model for the whole request, even if a reload lands meanwhile
     k = min(top_k or s.default_top_k, len(predictor.labels))
-    loop = asyncio.get_running_loop()
-    pre, max_px = predictor.preprocess, s.max_image_pixels
-    tasks = [
-        loop.run_in_executor(st.decode_pool, _decode_timed, e.data, pre, max_px, e.content_type)
-        for e in parsed.entries
-        if isinstance(e, Upload)
-    ]
-    decoded = iter(await asyncio.gather(*tasks))
+    m = st.metrics
+    # Per-image errors of a multi-image request are counted as soon as they are known: the rest of
+    # the request may still fail as a whole (overloaded, timeout). A single image's error is raised
+    # below and counted by the error handler.
+    count_items = not parsed.single
+    for e in parsed.entries:
+        if isinstance(e, ImageError) and count_items:
+            m.rejected.labels(e.code).inc()
+    uploads = [e for e in parsed.entries if isinstance(e, Upload)]
+    decoded = iter(await _decode_all(st, uploads, predictor.preprocess, start + s.request_timeout_s))
     t_decoded = time.perf_counter()
 
     outcomes: list[torch.Tensor | ImageError] = []
-    decode_stage = st.metrics.stage["decode"]
+    decode_stage = m.stage["decode"]
     for index, entry in enumerate(parsed.entries):
         if isinstance(entry, ImageError):
             outcomes.append(entry)
             continue
         out, seconds = next(decoded)
         decode_stage.observe(seconds)
+        if isinstance(out, ImageError) and count_items:
+            m.rejected.labels(out.code).inc()
         outcomes.append(out if isinstance(out, torch.Tensor) else out.with_index(index))
     if parsed.single and isinstance(outcomes[0], ImageError):
         err = outcomes[0]
@@ -131,7 +135,6 @@ async def predict(
     results = await _run_jobs(request, st, jobs, start + s.request_timeout_s) if jobs else []
     t_done = time.perf_counter()
 
-    m = st.metrics
     for r in results:
         m.stage["queue"].observe(r.queue_s)
         m.predictions.labels(r.top1_label).inc()
@@ -147,7 +150,6 @@ async def predict(
     items: list[dict[str, Any]] = []
     for index, o in enumerate(outcomes):
         if isinstance(o, ImageError):
-            m.rejected.labels(o.code).inc()
             items.append({"index": index, **error_body(o.code, o.message, None, index)})
             continue
         r = next(rendered)
@@ -164,6 +166,40 @@ async def predict(
     response = _json(answer)
     m.stage["response"].observe(time.perf_counter() - t_done)
     return response
+
+
+async def _decode_all(
+    st: ServiceState, uploads: list[Upload], pre: Preprocess, deadline: float
+) -> list[Decoded]:
+    """Decode every upload in the pool, in parallel, within the request's deadline.
+
+    Admission covers decoding as well as the batch queue: images being decoded count against
+    --queue-limit, so an overload is refused at once (503) instead of piling request bodies up in
+    the decode pool until every client times out."""
+    s = st.settings
+    busy = st.decoding + st.batcher.depth
+    if busy + len(uploads) > s.queue_limit:
+        raise ServiceError(
+            "overloaded",
+            f"the server is busy: {busy} image(s) decoding or queued, limit {s.queue_limit}; retry shortly",
+            headers=RETRY,
+            images=len(uploads),
+        )
+    loop = asyncio.get_running_loop()
+    max_px = s.max_image_pixels
+    pool = st.decode_pool
+    tasks = [loop.run_in_executor(pool, _decode_timed, u.data, pre, max_px, u.content_type) for u in uploads]
+    st.decoding += len(uploads)
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+            return await asyncio.gather(*tasks)
+    except TimeoutError:
+        for t in tasks:  # decodes that have not started yet never will
+            t.cancel()
+        message = f"no answer within {s.request_timeout_s:g}s (spent decoding)"
+        raise ServiceError("timeout", message, images=len(uploads)) from None
+    finally:
+        st.decoding -= len(uploads)
 
 
 async def _run_jobs(request: Request, st: ServiceState, jobs: list[Job], deadline: float) -> list[JobResult]:
@@ -203,7 +239,7 @@ async def _run_jobs(request: Request, st: ServiceState, jobs: list[Job], deadlin
             )
         else:
             rid = request.scope.get("state", {}).get("request_id")
-            log.error("request %s failed: the model raised %r on its batch (traceback above)", rid, o)
+            log.error("request %s failed: %r (the log above has the details)", rid, o)
             raise ServiceError(
                 "internal_error",
                 f"the model failed on this request's batch ({type(o).__name__}); the server log has "

@@ -38,6 +38,7 @@ def _settings(checkpoint: Path, **kw: Any) -> Settings:
         ({"log_format": "xml"}, "setting log_format"),
         ({"request_timeout_s": 0}, "setting request_timeout_s"),
         ({"precision": "fp8"}, "setting precision"),
+        ({"queue_limit": 8, "max_images_per_request": 9}, "max_images_per_request (--max-images-per-request"),
     ],
 )
 def test_bad_settings_name_the_setting(tiny_checkpoint: Path, overrides: dict[str, Any], named: str) -> None:
@@ -155,6 +156,28 @@ def test_model_exception_fails_only_its_batch(
         assert 'convserve_rejected_images_total{reason="internal_error"} 1.0' in c.get("/metrics").text
 
 
+def test_nan_output_fails_its_request_and_keeps_the_metrics_finite(tiny_checkpoint: Path) -> None:
+    app = create_app(_settings(tiny_checkpoint))
+    with ready_client(app) as c:
+        state: ServiceState = app.state.convserve
+        real_forward = state.predictor.forward
+
+        def nan_first_row(batch: Any) -> Any:
+            probs = real_forward(batch).clone()  # an inference tensor: copy before editing
+            probs[0] = float("nan")  # what an fp16 overflow looks like after softmax
+            return probs
+
+        state.predictor.forward = nan_first_row  # type: ignore[method-assign]
+        r = c.post("/v1/predict", content=images.jpeg())
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert "NonFiniteOutput" in r.json()["error"]["message"]
+        metrics = c.get("/metrics").text
+        assert 'convserve_rejected_images_total{reason="internal_error"} 1.0' in metrics
+        assert "convserve_top1_confidence_sum nan" not in metrics.lower()
+        state.predictor.forward = real_forward  # type: ignore[method-assign]
+        assert c.post("/v1/predict", content=images.jpeg()).status_code == 200
+
+
 def test_reload_disabled_without_an_admin_key(tiny_checkpoint: Path) -> None:
     with ready_client(create_app(_settings(tiny_checkpoint))) as c:
         r = c.post("/v1/model/reload", headers={"X-API-Key": "anything"})
@@ -186,3 +209,23 @@ def test_traced_model_answers_like_eager(tiny_checkpoint: Path) -> None:
     assert [p["index"] for p in eager] == [p["index"] for p in traced]
     for p, q in zip(eager, traced, strict=True):
         assert p["probability"] == pytest.approx(q["probability"], abs=1e-5)
+
+
+# ---- reload: one request, one model --------------------------------------------------------------
+def test_jobs_run_on_the_model_their_request_started_with(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """After a swap to a model with the same preprocessing, jobs queued for the old model still run on
+    it, so a multi-image request split over several batches is answered by one model."""
+    from service.decode import decode_to_tensor
+    from service.predictor import Job, Predictor
+    from tests.conftest import make_checkpoint
+
+    app = create_app(_settings(tiny_checkpoint))
+    with ready_client(app):
+        state: ServiceState = app.state.convserve
+        old = state.predictor
+        new = Predictor.load(make_checkpoint(tmp_path / "v2.safetensors", seed=1, version="2"), old.device)
+        assert new.preprocess == old.preprocess
+        state.predictor = new  # what a reload does
+        image = decode_to_tensor(images.jpeg(), old.preprocess, 10**7)
+        results = state.run_batch([Job(image, 3, False, old), Job(image, 3, False, new)])
+    assert [r.model["version"] for r in results] == ["1", "2"]

@@ -76,6 +76,10 @@ def test_upload_over_limit_while_streaming(server: LiveServer) -> None:
         ({"json": {"images": ["not base64 ***"]}}, "bad_base64"),
         ({"json": {"pictures": []}}, "bad_request"),
         ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, "bad_request"),
+        # nesting deep enough to exhaust the JSON parser's recursion: still the client's fault
+        ({"content": b"[" * 100_000, "headers": {"Content-Type": "application/json"}}, "bad_request"),
+        ({"content": b'{"images": ' + b"9" * 5000 + b"}", "headers": {"Content-Type": "application/json"}},
+         "bad_request"),
         (
             {"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
             "bad_request",

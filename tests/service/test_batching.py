@@ -120,6 +120,18 @@ def test_exception_fails_only_its_batch() -> None:
     asyncio.run(scenario())
 
 
+def test_an_exception_returned_for_one_item_fails_only_that_item() -> None:
+    def odd_fails(xs: list[int]) -> list[int | Exception]:
+        return [ValueError(f"item {x}") if x % 2 else x * 10 for x in xs]
+
+    async def scenario() -> None:
+        async with DynamicBatcher(odd_fails, max_size=4, max_wait_s=0.05, limit=8) as b:
+            got = await asyncio.gather(*(b.submit(x) for x in (1, 2, 3, 4)), return_exceptions=True)
+        assert [str(g) if isinstance(g, Exception) else g for g in got] == ["item 1", 20, "item 3", 40]
+
+    asyncio.run(scenario())
+
+
 def test_cancelled_and_expired_items_are_dropped_before_running() -> None:
     release = threading.Event()
     seen: list[int] = []

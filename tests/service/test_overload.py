@@ -48,6 +48,7 @@ def busy_server(slow_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
         slow_checkpoint,
         tmp_path_factory.mktemp("busy"),
         queue_limit=1,
+        max_images_per_request=1,
         max_batch_size=1,
         request_timeout_s=300,
     ) as s:
