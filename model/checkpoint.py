@@ -162,7 +162,9 @@ def read_meta(path: Path) -> CheckpointMeta:
 
 
 def load_checkpoint(path: Path, verify: bool = True) -> Loaded:
-    """Rebuild the architecture from the metadata and load the weights into it, strictly."""
+    """Rebuild the architecture from the metadata and load the weights into it, strictly.
+    verify=False skips the weights' SHA-256 check (and accepts a file without one): an explicit
+    opt-out for inspecting a damaged or hand-made file, never the default."""
     path = Path(path)
     meta = read_meta(path)
     try:
@@ -170,8 +172,16 @@ def load_checkpoint(path: Path, verify: bool = True) -> Loaded:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except Exception as e:
         raise CheckpointError(f"{path}: weights cannot be read (truncated or corrupt?): {e}") from None
-    if verify and meta.weights_sha256 and weights_sha256(state) != meta.weights_sha256:
-        raise CheckpointError(f"{path}: weights do not match the recorded SHA-256 (file corrupted?)")
+    if verify:
+        # save_checkpoint always records the digest, so a missing one means the file was made or edited
+        # by something else; skipping the check then would load unverified weights without a word.
+        if not meta.weights_sha256:
+            raise CheckpointError(
+                f"{path}: the metadata has no weights_sha256, so the weights cannot be verified; "
+                "re-save it with save_checkpoint (or `python -m training export`)"
+            )
+        if weights_sha256(state) != meta.weights_sha256:
+            raise CheckpointError(f"{path}: weights do not match the recorded SHA-256 (file corrupted?)")
     try:
         pre = Preprocess.from_dict(meta.preprocess)
     except (TypeError, ValueError) as e:

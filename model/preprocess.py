@@ -194,16 +194,21 @@ class Preprocess:
         return transform
 
     def train_transform(self, augment: Augment) -> Callable[[Image.Image], torch.Tensor]:
-        """Training: the eval geometry replaced by the configured augmentations."""
+        """Training: the eval geometry plus the configured augmentations. For center_crop a random
+        resized crop replaces the eval geometry; for squash and letterbox it crops inside it."""
         from torchvision.transforms import v2  # lazy: serving never needs it
 
         ops: list[Any] = []
         if augment.random_resized_crop:
-            ops.append(
-                v2.RandomResizedCrop(
-                    self.size, scale=augment.random_resized_crop, interpolation=_RESAMPLE[self.interpolation]
-                )
+            crop = v2.RandomResizedCrop(
+                self.size, scale=augment.random_resized_crop, interpolation=_RESAMPLE[self.interpolation]
             )
+            if self.mode == "center_crop":
+                ops.append(crop)  # crops the source directly; unchanged, recorded runs depend on it
+            else:
+                # Cropping the source would drop letterbox's bars and squash's whole-image aspect, so
+                # training would see other geometry than eval/serving: crop the size x size canvas.
+                ops += [self.resize_image, crop]
         else:
             ops.append(self.resize_image)
         if augment.hflip > 0:

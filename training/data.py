@@ -86,8 +86,7 @@ def resolve_preprocess(spec: DataSpec, base: Preprocess, cfg: TrainConfig, own_c
         _merge(d, _NATIVE.get(spec.kind, {}))
     _merge(d, cfg.preprocess or {})
     if cfg.image_size is not None and cfg.image_size != d["size"]:
-        d["resize"] = max(cfg.image_size, round((d.get("resize") or d["size"]) * cfg.image_size / d["size"]))
-        d["size"] = cfg.image_size
+        _merge(d, {"size": cfg.image_size})  # resize follows, as for a config layer's size
     if cfg.channels is not None:
         _merge(d, {"channels": cfg.channels})
     try:
@@ -104,7 +103,21 @@ def _merge(d: dict[str, Any], layer: dict[str, Any]) -> None:
         for key in ("mean", "std"):
             if key not in layer and len(d[key]) not in (1, channels):
                 d[key] = [float(np.mean(d[key]))]
+    if "size" in layer and "resize" not in layer:
+        # A new size alone keeps the inherited framing: an inherited resize left as it was would crop a
+        # smaller share of the image (resnet18 at size 128 with resize 256: the central quarter), or
+        # fall below the size (our CNNs' resize 64 at size 96) and fail validation.
+        layer = {**layer, "resize": _scaled_resize(d, layer["size"])}
     d.update(layer)
+
+
+def _scaled_resize(d: dict[str, Any], size: Any) -> Any:
+    """`d`'s resize scaled by size / d["size"], never below size. Where a value is not a positive int
+    the old resize is kept, so Preprocess validation names the bad value rather than this arithmetic."""
+    old, resize = d["size"], d.get("resize") or d["size"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (size, old, resize)):
+        return d.get("resize")
+    return max(size, round(resize * size / old))
 
 
 def resolve_augment(spec: DataSpec, cfg: TrainConfig) -> Augment:

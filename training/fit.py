@@ -116,7 +116,7 @@ def _train(
         schedule.load_state_dict(state["schedule"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
+        _restore_rng(state, device)
         progress = Progress(list(state["history"]), dict(state["best"]), int(state["bad_epochs"]))
         start = int(state["epoch"]) + 1
         if start > cfg.epochs:
@@ -163,7 +163,7 @@ def _train(
             save_state(out / "train_state.pt", {
                 "format": 1, "epoch": epoch, "config": cfg.to_dict(), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": torch.get_rng_state(),
+                "scaler": scaler.state_dict() if scaler is not None else None, **_rng_state(device),
                 "history": progress.history, "best": progress.best, "bad_epochs": progress.bad_epochs})
             reports.write_history(out / "history.csv", progress.history)
         # every rank computed the same reduced metrics, so every rank stops at the same epoch
@@ -183,6 +183,22 @@ def _train(
                  "confusion_matrix.png, report.json, report.md",
                  report["top1"], min(5, len(labels)), report["top5"], progress.best["epoch"], out)
     return FitResult(out, progress.best["acc"], progress.best["epoch"], epoch, model)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The RNG states a resume restores: the CPU's, and every CUDA device's when training on CUDA
+    (dropout and other random ops on the GPU draw from those, not from the CPU generator). Not on CPU
+    runs, where saving them would only start a CUDA context on a machine that has one."""
+    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    return {"rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["rng"])
+    cuda = state.get("cuda_rng")  # None from a CPU run; absent from states written before it was saved
+    if cuda and device.type == "cuda":
+        # a state written on a machine with more GPUs restores the devices this one has
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
 def _row(epoch: int, lr: float, stats: EpochStats, result: EvalResult) -> dict[str, Any]:

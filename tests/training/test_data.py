@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,6 +57,26 @@ def test_mnist_from_a_local_root(tmp_path: Path) -> None:
     assert data.labels == [str(d) for d in range(10)]
     assert (len(data.train), len(data.val)) == (20, 10)
     assert data.val[3][0].shape == (1, 32, 32) and data.val[3][1] == 3
+
+
+def test_config_size_without_resize_keeps_the_framing() -> None:
+    """A config `[preprocess] size` alone scales the inherited resize like --image-size does."""
+    spec = DataSpec.parse("shapes")
+
+    def resolve(arch: str, own: bool, **kw: Any) -> tuple[int, int | None]:
+        pre = resolve_preprocess(spec, default_preprocess(arch), TrainConfig(**kw), own_cnn=own)
+        return pre.size, pre.resize
+
+    # resnet18 is 224 of 256: at 128 it must look at the same share, not the central quarter of 256
+    assert resolve("resnet18", False, preprocess={"size": 128}) == (128, 146)
+    assert resolve("resnet18", False, preprocess={"size": 128}) == resolve("resnet18", False, image_size=128)
+    # our CNNs on shapes are 64 of 64: size 96 used to fail "resize (64) must be >= size (96)"
+    assert resolve("convnet", True, preprocess={"size": 96}) == (96, 96)
+    # an explicit resize is kept, and --image-size still scales on top of the config file
+    assert resolve("resnet18", False, preprocess={"size": 128, "resize": 160}) == (128, 160)
+    assert resolve("resnet18", False, preprocess={"size": 128, "resize": 160}, image_size=64) == (64, 80)
+    with pytest.raises(ConfigError, match="size must be a positive integer"):
+        resolve("convnet", True, preprocess={"size": "big"})
 
 
 def test_missing_torchvision_data_is_a_config_error(tmp_path: Path) -> None:

@@ -81,7 +81,9 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
     first = fit.train(tiny_config(tmp_path, epochs=1, out=str(tmp_path / "part"), **kw))
     assert first.epochs_run == 1
     state = load_state(tmp_path / "part" / "train_state.pt")
-    assert state["epoch"] == 1 and set(state) >= {"optimizer", "schedule", "model", "history"}
+    assert state["epoch"] == 1
+    assert set(state) >= {"optimizer", "schedule", "model", "history", "rng", "cuda_rng"}
+    assert state["cuda_rng"] is None  # a CPU run: only the CPU generator is in play
     resumed = fit.train(
         tiny_config(
             tmp_path,
@@ -99,6 +101,27 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
         whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+)
+def test_resume_restores_the_random_streams_the_run_draws_from(device: str) -> None:
+    dev = torch.device(device)
+    saved = fit._rng_state(dev)
+    assert (saved["cuda_rng"] is None) == (dev.type == "cpu")
+    expected = (torch.rand(4), torch.rand(4, device=dev))
+    fit._restore_rng(saved, dev)
+    again = (torch.rand(4), torch.rand(4, device=dev))
+    assert all(torch.equal(a, b) for a, b in zip(expected, again, strict=True))
+    # a train_state.pt written before the CUDA states were saved still resumes (CPU stream restored)
+    legacy = {"rng": saved["rng"]}
+    fit._restore_rng(legacy, dev)
+    assert torch.equal(torch.rand(4), expected[0])
 
 
 def test_training_on_an_image_folder_reports_unreadable_files(

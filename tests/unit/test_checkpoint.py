@@ -95,11 +95,24 @@ def _rewrite_meta(path: Path, model: torch.nn.Module, **changes) -> None:
 
     meta = json.loads(read_meta(path).to_json())
     meta.update(changes)
+    meta = {k: v for k, v in meta.items() if not (k in changes and v is None)}  # a change to None drops it
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()},
         str(path),
         metadata={META_KEY: json.dumps(meta)},
     )
+
+
+@pytest.mark.parametrize("digest", ["", None])
+def test_checkpoint_without_a_digest_is_refused(saved, digest: str | None) -> None:
+    """An empty or missing weights_sha256 used to skip verification without a word."""
+    path, model = saved
+    _rewrite_meta(path, model, weights_sha256=digest)  # None: the key is dropped
+    with pytest.raises(CheckpointError, match="no weights_sha256, so the weights cannot be verified"):
+        load_checkpoint(path)
+    # the explicit opt-out still loads it, for inspecting a hand-made file
+    loaded = load_checkpoint(path, verify=False)
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_unknown_format_version(saved) -> None:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from model.preprocess import Augment, Preprocess, open_image
+from model.preprocess import Augment, Mode, Preprocess, open_image
 
 
 def _gradient(w: int, h: int) -> Image.Image:
@@ -112,3 +112,31 @@ def test_train_transform_augments_but_keeps_the_shape() -> None:
     assert not torch.equal(a, b)  # random crops / flips / jitter
     plain = pre.train_transform(Augment.none())(img)
     assert torch.equal(plain, pre.eval_transform()(img))
+
+
+_CROP_ONLY = Augment(random_resized_crop=(1.0, 1.0), hflip=0.0, rotation=0.0, color_jitter=(0.0,) * 4)
+
+
+@pytest.mark.parametrize("mode", ["letterbox", "squash"])
+def test_train_crop_works_inside_the_eval_geometry(mode: Mode) -> None:
+    """A whole-area random crop must give the eval tensor, letterbox bars included: no train/serve skew."""
+    pre = Preprocess(size=32, mode=mode, fill=7)
+    img = _gradient(160, 90)
+    torch.manual_seed(0)
+    train = pre.train_transform(_CROP_ONLY)(img)
+    assert torch.equal(train, pre.eval_transform()(img))
+    if mode == "letterbox":  # 160x90 -> 32x18, padded top and bottom
+        bar = pre.normalize(torch.full((3, 7, 32), 7, dtype=torch.uint8))
+        assert torch.equal(train[:, :7], bar) and torch.equal(train[:, -7:], bar)
+
+
+def test_center_crop_train_crop_still_samples_the_source() -> None:
+    """center_crop keeps torchvision's RandomResizedCrop on the source image (recorded runs rely on it)."""
+    pre = Preprocess(size=32, resize=40)
+    img = _gradient(160, 90)
+    aug = Augment(random_resized_crop=(0.5, 1.0), hflip=0.0, rotation=0.0, color_jitter=(0.0,) * 4)
+    torch.manual_seed(3)
+    ours = pre.train_transform(aug)(img)
+    torch.manual_seed(3)
+    ref = v2.Compose([v2.RandomResizedCrop(32, scale=(0.5, 1.0)), v2.PILToTensor()])(img)
+    assert torch.equal(ours, pre.normalize(ref))
