@@ -194,7 +194,15 @@ class ServiceState:
             try:
                 # Warm at the thread counts the inference thread uses; no re-timing under live traffic.
                 threads = (self.batch_threads, self.lone_threads)
-                new = await asyncio.to_thread(build_predictor, self.settings, self.device, path, threads)
+                if self.settings.compile == "compile":
+                    # torch.compile is not thread-safe: building graphs on a side thread while the
+                    # inference thread runs compiled code can corrupt dynamo's state. Load aside, then
+                    # compile on the inference thread itself, between batches (serving pauses meanwhile).
+                    new = await asyncio.to_thread(build_predictor, self.settings, self.device, path)
+                    sizes = self.settings.warmup_sizes()
+                    await self.batcher.call_in_worker(warm_at, new, sizes, threads)
+                else:  # eager and TorchScript run safely beside a warm-up: no pause in serving
+                    new = await asyncio.to_thread(build_predictor, self.settings, self.device, path, threads)
             except CheckpointError:
                 raise
             except Exception as e:  # warm-up failed: the file loaded but the model cannot run

@@ -229,3 +229,29 @@ def test_jobs_run_on_the_model_their_request_started_with(tiny_checkpoint: Path,
         image = decode_to_tensor(images.jpeg(), old.preprocess, 10**7)
         results = state.run_batch([Job(image, 3, False, old), Job(image, 3, False, new)])
     assert [r.model["version"] for r in results] == ["1", "2"]
+
+
+@pytest.mark.parametrize(("mode", "on_inference_thread"), [("off", False), ("compile", True)])
+def test_reload_compiles_on_the_inference_thread(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, mode: str, on_inference_thread: bool
+) -> None:
+    """torch.compile is not thread-safe, so a compile-mode reload builds its graphs on the thread
+    that runs the model; eager reloads warm up beside the serving thread. The warm-up itself (the
+    neighbour here) only records where it ran, so no compiler is needed."""
+    import threading
+
+    import service.state
+
+    ran_on: list[str] = []
+    def record(*args: Any) -> float:
+        ran_on.append(threading.current_thread().name)
+        return 0.0
+
+    monkeypatch.setattr(service.state, "warm_at", record)
+    app = create_app(_settings(tiny_checkpoint, compile=mode, admin_api_key="k"))
+    with ready_client(app) as c:
+        ran_on.clear()  # start-up warms on the inference thread in every mode
+        r = c.post("/v1/model/reload", headers={"X-API-Key": "k"})
+        assert r.status_code == 200, r.text
+    assert len(ran_on) == 1
+    assert ran_on[0].startswith("inference") is on_inference_thread, ran_on
