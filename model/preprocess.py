@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Final, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,10 @@ _RESAMPLE = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The Pillow formats the service decodes. Here, not in service/, so training can refuse the same files:
+# a model trained on a format the service rejects would get 415 for the very images it learned from.
+# (Pillow's JPEG opener may report "MPO" for a JPEG with a multi-picture index; it is still a JPEG.)
+SERVED_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 @dataclass(frozen=True)
@@ -282,8 +286,11 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 
-def open_image(src: bytes | str | Path | BinaryIO, preprocess: Preprocess) -> Image.Image:
-    """Open and prepare an image file the way serving does (used by training evaluation too)."""
+def open_image(
+    src: bytes | str | Path | BinaryIO, preprocess: Preprocess, formats: tuple[str, ...] | None = None
+) -> Image.Image:
+    """Open and prepare an image file the way serving does (used by training evaluation too).
+    `formats` restricts the Pillow openers tried (e.g. SERVED_FORMATS); None tries every one."""
     fp: Any = io.BytesIO(src) if isinstance(src, bytes) else src
-    img = Image.open(fp)
+    img = Image.open(fp, formats=formats)
     return preprocess.prepare(img)

@@ -19,12 +19,13 @@ from typing import Final
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from model.preprocess import Preprocess
+from model.preprocess import SERVED_FORMATS, Preprocess
 from service.errors import ImageError
 
 logger = logging.getLogger(__name__)
 
-ALLOWED_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# One list for training and serving: a folder data set skips the files the service would refuse.
+ALLOWED_FORMATS: Final[tuple[str, ...]] = SERVED_FORMATS
 # Pillow's JPEG opener returns format "MPO" for JPEGs carrying a multi-picture index (camera files
 # with an embedded preview): it is a JPEG to the client, so it is accepted as one.
 _ACCEPTED: Final[frozenset[str]] = frozenset({*ALLOWED_FORMATS, "MPO"})

@@ -31,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", parents=[common], help="train a model (default)")
     add_train_arguments(train)
+    # A flag, not a TrainConfig setting: the consent must not be saved and silently reused by later resumes.
+    train.add_argument(
+        "--allow-split-change",
+        action="store_true",
+        help="--resume even if the validation split differs from the recorded one (the data changed), "
+        "though validation images may then have been trained on",
+    )
 
     ev = sub.add_parser("evaluate", parents=[common], help="evaluate a checkpoint on a data set")
     ev.add_argument("--checkpoint", type=Path, required=True)
@@ -85,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides = {k: v for k, v in vars(args).items() if k in FIELDS or k == "config"}
         state = load_state(Path(overrides["resume"])) if overrides.get("resume") else None
         cfg = build_config(overrides, base=state["config"] if state else None)
-        train(cfg, state)
+        train(cfg, state, allow_split_change=args.allow_split_change)
         return 0
     if args.command == "evaluate":
         from training.commands import run_evaluate

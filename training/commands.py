@@ -20,7 +20,7 @@ from model.registry import build_model, get_arch, list_models, load_init_weights
 from training import reports
 from training.build import build_network
 from training.config import ConfigError, TrainConfig
-from training.data import DataSpec, Sample, load_data
+from training.data import DataSpec, Sample, load_data, split_changed
 from training.engine import evaluate
 from training.netspec import format_network
 
@@ -60,6 +60,13 @@ def run_evaluate(
     cfg = TrainConfig(data=data, **args).validate()
     spec = DataSpec.parse(data)
     bundle = load_data(spec, pre, None, cfg, train=False)
+    # The split is redrawn from seed and fraction, which reshuffles whenever any class gained or lost a
+    # file: compare it with the digest recorded at training time (absent from older checkpoints).
+    recorded_digest = meta.training.get("val_digest")
+    split_warning = None
+    if data == recorded and recorded_digest is not None and bundle.val_digest != recorded_digest:
+        split_warning = split_changed(meta.training.get("data_args") or {}, cfg)
+        log.warning("warning: %s", split_warning)
     missing = [label for label in bundle.labels if label not in meta.labels]
     if missing:
         raise ConfigError(f"data classes {missing} are not among the checkpoint's labels {meta.labels}")
@@ -76,6 +83,8 @@ def run_evaluate(
         "split": "validation",
         "skipped_files": len(bundle.skipped),
     }
+    if split_warning is not None:
+        extra["warning"] = split_warning  # report.json carries it with the numbers it qualifies
     report = reports.build_report(result, meta.labels, extra)
     if out is not None:
         reports.write_all(out, result, meta.labels, extra)

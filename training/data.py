@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from model.preprocess import Augment, Preprocess, open_image
 from training import shapes
 from training.config import ConfigError, TrainConfig
-from training.folder import load_folder, stratified_split
+from training.folder import load_folder, split_digest, stratified_split
 
 log = logging.getLogger(__name__)
 KINDS = ("shapes", "digits", "folder", "cifar10", "mnist")
@@ -180,6 +180,10 @@ class DataBundle:
     train: ImageDataset | None
     val: ImageDataset
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # split_digest of the validation items where they come from files or a pool that also feeds
+    # training (digits, folder); None for shapes and the torchvision sets, whose validation images are
+    # generated or shipped apart from the training ones.
+    val_digest: str | None = None
 
     @property
     def in_memory(self) -> bool:
@@ -215,7 +219,8 @@ def load_data(
         tr_idx, va_idx = stratified_split(targets, cfg.val_fraction, cfg.seed)
         val = CachedImages(images[va_idx], [targets[i] for i in va_idx], pre)
         tr = _in_memory(images[tr_idx], [targets[i] for i in tr_idx], pre, train_tf) if train else None
-        return DataBundle(spec, [str(d) for d in range(10)], tr, val)
+        labels = [str(d) for d in range(10)]
+        return DataBundle(spec, labels, tr, val, val_digest=split_digest(map(str, va_idx)))
     if spec.kind == "folder":
         assert spec.path is not None
         split = load_folder(spec.path, pre, cfg.val_fraction, cfg.seed)
@@ -231,8 +236,27 @@ def load_data(
                 [t for _, t in split.train],
                 train_tf or pre.eval_transform(),
             )
-        return DataBundle(spec, split.labels, tr, folder_val, split.skipped)
+        # relative paths: the digest survives moving the folder, not a change to what is in it
+        digest = split_digest(
+            f"{p.relative_to(spec.path).as_posix()}\t{split.labels[t]}" for p, t in split.val
+        )
+        return DataBundle(spec, split.labels, tr, folder_val, split.skipped, digest)
     return _torchvision(spec, pre, train_tf, train)
+
+
+def split_changed(recorded: dict[str, Any], cfg: TrainConfig) -> str:
+    """The warning (or error) for a validation split whose digest differs from the recorded one.
+    `recorded` holds the training run's settings (seed, val_fraction) to name the likely cause."""
+    flags = [
+        f"--{k.replace('_', '-')}"
+        for k in ("seed", "val_fraction")
+        if recorded.get(k, getattr(cfg, k)) != getattr(cfg, k)
+    ]
+    cause = f"{' and '.join(flags)} changed since training" if flags else "the data changed since training"
+    return (
+        f"the validation split differs from the one this model was trained with: {cause}, so validation "
+        "images may have been trained on; accuracy may be inflated"
+    )
 
 
 def _digits() -> tuple[np.ndarray, list[int]]:

@@ -23,7 +23,7 @@ from model.checkpoint import weights_sha256
 from model.registry import build_model, load_init_weights
 from training import build, distributed, reports
 from training.config import ConfigError, TrainConfig
-from training.data import DataSpec, load_data, resolve_augment
+from training.data import DataBundle, DataSpec, load_data, resolve_augment, split_changed
 from training.engine import EpochStats, EvalResult, evaluate, train_one_epoch
 from training.runs import checkpoint_meta, save_serving, save_state
 from training.schedule import LRSchedule
@@ -66,16 +66,23 @@ class Progress:
         return EvalResult(self.best["confusion"], self.best["loss_sum"], self.best["top5_correct"])
 
 
-def train(cfg: TrainConfig, state: dict[str, Any] | None = None) -> FitResult:
+def train(
+    cfg: TrainConfig, state: dict[str, Any] | None = None, allow_split_change: bool = False
+) -> FitResult:
+    """`allow_split_change`: resume even when the validation split differs from the recorded one."""
     info, device = distributed.setup(cfg.device)
     try:
-        return _train(cfg, state, info, device)
+        return _train(cfg, state, info, device, allow_split_change)
     finally:
         distributed.cleanup()
 
 
 def _train(
-    cfg: TrainConfig, state: dict[str, Any] | None, info: distributed.Dist, device: torch.device
+    cfg: TrainConfig,
+    state: dict[str, Any] | None,
+    info: distributed.Dist,
+    device: torch.device,
+    allow_split_change: bool = False,
 ) -> FitResult:
     threads = distributed.set_threads(info, cfg.threads)
     build.seed_everything(cfg.seed)
@@ -83,6 +90,7 @@ def _train(
     arch_config, pre = build.build_network(cfg, spec)
     data = load_data(spec, pre, resolve_augment(spec, cfg), cfg)
     assert data.train is not None
+    val_digest = _resumed_split(cfg, state, data, allow_split_change, info.is_main)
     labels = data.labels
     model = build_model(cfg.arch, len(labels), pre.channels, pre.size, arch_config or None)
     if cfg.init_weights:
@@ -133,7 +141,7 @@ def _train(
             log.info("resuming from %s at epoch %d", cfg.resume, start)
     out = Path(cfg.out)
     show_bar = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    meta_base = checkpoint_meta(cfg, spec, labels, pre, arch_config, data)
+    meta_base = checkpoint_meta(cfg, spec, labels, pre, arch_config, data, val_digest)
     epoch = start - 1
     for epoch in range(start, cfg.epochs + 1):
         if isinstance(sampler, DistributedSampler):
@@ -164,7 +172,8 @@ def _train(
                 "format": 1, "epoch": epoch, "config": cfg.to_dict(), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, **_rng_state(device),
-                "history": progress.history, "best": progress.best, "bad_epochs": progress.bad_epochs})
+                "history": progress.history, "best": progress.best, "bad_epochs": progress.bad_epochs,
+                "val_digest": val_digest})
             reports.write_history(out / "history.csv", progress.history)
         # every rank computed the same reduced metrics, so every rank stops at the same epoch
         if cfg.patience and progress.bad_epochs >= cfg.patience:
@@ -183,6 +192,24 @@ def _train(
                  "confusion_matrix.png, report.json, report.md",
                  report["top1"], min(5, len(labels)), report["top5"], progress.best["epoch"], out)
     return FitResult(out, progress.best["acc"], progress.best["epoch"], epoch, model)
+
+
+def _resumed_split(
+    cfg: TrainConfig, state: dict[str, Any] | None, data: DataBundle, allow: bool, is_main: bool
+) -> str | None:
+    """The validation digest this run records: the one it started with. A resume whose data now splits
+    differently would validate on images the model has trained on, so it is refused unless allowed;
+    allowed, the first digest is kept, so `evaluate` on the new split still warns."""
+    recorded = state.get("val_digest") if state is not None else None  # absent: older train_state.pt
+    if state is None or recorded is None or recorded == data.val_digest:
+        return data.val_digest
+    message = split_changed(state.get("config") or {}, cfg)
+    if not allow:
+        raise ConfigError(f"--resume {cfg.resume}: {message}. Restore the data as it was when training "
+                          "began, or pass --allow-split-change to resume anyway")
+    if is_main:
+        log.warning("--resume %s: %s (resuming anyway: --allow-split-change)", cfg.resume, message)
+    return str(recorded)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

@@ -2,15 +2,17 @@
 
 Layouts: ROOT/train/<class>/* plus ROOT/val/<class>/* (or ROOT/test/), or ROOT/<class>/* which is
 split into train and validation by a stratified, seeded draw. Every file is decoded once up front with
-the same `open_image` the service uses, so a file that cannot be read is reported (count and first
-few paths) and skipped here instead of failing an epoch half-way through.
+the same `open_image` and the same formats the service uses, so a file that cannot be read, or that
+the service would refuse (415), is reported (count and first few paths) and skipped here instead of
+failing an epoch half-way through or training on images the served model can never be sent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.preprocess import Preprocess, open_image
+from model.preprocess import SERVED_FORMATS, Preprocess, open_image
 from training.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,13 +52,27 @@ def _check(path: Path, preprocess: Preprocess) -> str | None:
     """None when the file decodes like the service would decode it, else the reason it does not."""
     try:
         with path.open("rb") as fh:
-            img = open_image(fh, preprocess)
+            # the service opens client bytes with only these formats' openers (service/decode.py)
+            img = open_image(fh, preprocess, formats=SERVED_FORMATS)
             img.load()
         return None
     except Image.UnidentifiedImageError:
-        return "not an image format Pillow can decode"
+        return _unserved(path)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         return f"{type(e).__name__}: {e}"
+
+
+def _unserved(path: Path) -> str:
+    """Why a file no served format opens is skipped: name its format when any Pillow opener knows it
+    (user's own files, so trying every plugin here is fine), so the report says what to convert."""
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        fmt = None
+    if fmt is None:
+        return "not an image format Pillow can decode"
+    return f"{fmt} is not a format the service accepts ({', '.join(SERVED_FORMATS)})"
 
 
 def _scan(
@@ -110,6 +126,16 @@ def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tupl
         val += idx[:n_val]
         train += idx[n_val:]
     return sorted(train), sorted(val)
+
+
+def split_digest(keys: Iterable[str]) -> str:
+    """SHA-256 over the sorted keys (relative path and label, or index) of a validation set. Recorded
+    at training time, so `evaluate` and `--resume` can tell when rebuilding "the same" split from seed
+    and fraction gave other images: the draw reshuffles whenever any class gains or loses a file."""
+    h = hashlib.sha256()
+    for key in sorted(keys):
+        h.update(key.encode("utf-8", "surrogateescape") + b"\0")  # NUL: no file name contains one
+    return h.hexdigest()
 
 
 def load_folder(

@@ -115,6 +115,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     ]
     if report.get("skipped_files"):
         lines.append(f"- unreadable files skipped: {report['skipped_files']}")
+    if report.get("warning"):
+        lines.append(f"- **warning**: {report['warning']}")
     lines += ["", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for label, r in report["per_class"].items():
         lines.append(

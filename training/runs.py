@@ -31,9 +31,11 @@ def checkpoint_meta(
     pre: Preprocess,
     arch_config: dict[str, Any],
     data: DataBundle,
+    val_digest: str | None,
 ) -> CheckpointMeta:
     """Everything but the per-epoch results. `data_args` lets `evaluate` rebuild the same
-    validation split (shapes are generated from the seed; splits are drawn with it)."""
+    validation split (shapes are generated from the seed; splits are drawn with it), and `val_digest`
+    lets it tell when that rebuild gives other images than training validated on."""
     training = {
         "data": str(spec),
         "data_args": {
@@ -44,6 +46,7 @@ def checkpoint_meta(
         },
         "train_images": len(data.train) if data.train is not None else 0,
         "val_images": len(data.val),
+        "val_digest": val_digest,
         "skipped_files": len(data.skipped),
         "epochs_planned": cfg.epochs,
         "optimizer": cfg.optimizer,

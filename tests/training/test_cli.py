@@ -163,3 +163,58 @@ def test_evaluate_a_folder_with_a_subset_of_classes(
     (folder / "purple" / "a.png").write_bytes((folder / "red" / "1.png").read_bytes())
     err = _error(capsys, "evaluate", "--checkpoint", str(ckpt), "--data", f"folder:{folder}")
     assert "data classes ['purple'] are not among the checkpoint's labels" in err
+
+
+SPLIT_CHANGED = (
+    "the validation split differs from the one this model was trained with: the data changed since "
+    "training, so validation images may have been trained on; accuracy may be inflated"
+)
+
+
+def _folder_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Path]:
+    """A one-epoch run on a fresh image folder split by seed: (folder, run directory)."""
+    folder = make_image_folder(tmp_path / "imgs", per_class=6, corrupt=0)
+    out = tmp_path / "run"
+    flags = tiny_flags(data=f"folder:{folder}", image_size=16, batch_size=8, crop_scale=0.0, rotation=0.0)
+    assert main(["train", *flags, "--out", str(out)]) == 0
+    capsys.readouterr()
+    return folder, out
+
+
+def test_evaluate_warns_when_the_data_changed_since_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, run = _folder_run(tmp_path, capsys)
+    assert read_meta(run / "model.safetensors").training["val_digest"]
+    evaluate = ["evaluate", "--checkpoint", str(run / "model.safetensors")]
+    assert main([*evaluate, "--out", str(tmp_path / "same")]) == 0
+    assert "validation split differs" not in capsys.readouterr().out  # same files: the recorded split
+    assert "warning" not in json.loads((tmp_path / "same" / "report.json").read_text())
+    # one more file in the first class reshuffles that class and every later one under the same seed
+    (folder / "blue" / "extra.png").write_bytes((folder / "blue" / "1.png").read_bytes())
+    assert main([*evaluate, "--out", str(tmp_path / "changed")]) == 0
+    assert SPLIT_CHANGED in capsys.readouterr().out
+    assert json.loads((tmp_path / "changed" / "report.json").read_text())["warning"] == SPLIT_CHANGED
+    assert SPLIT_CHANGED in (tmp_path / "changed" / "report.md").read_text()
+    # an explicit other seed draws other images too, and the warning names that cause instead
+    (folder / "blue" / "extra.png").unlink()
+    assert main([*evaluate, "--seed", "1"]) == 0
+    assert "differs from the one this model was trained with: --seed changed since training" in (
+        capsys.readouterr().out
+    )
+
+
+def test_resume_refuses_a_changed_split_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, run = _folder_run(tmp_path, capsys)
+    state = str(run / "train_state.pt")
+    recorded = read_meta(run / "model.safetensors").training["val_digest"]
+    (folder / "blue" / "extra.png").write_bytes((folder / "blue" / "1.png").read_bytes())
+    err = _error(capsys, "train", "--resume", state, "--epochs", "2")
+    assert SPLIT_CHANGED in err and "--allow-split-change" in err
+    assert main(["train", "--resume", state, "--epochs", "2", "--allow-split-change"]) == 0
+    assert f"{SPLIT_CHANGED} (resuming anyway" in capsys.readouterr().out
+    # the first split's digest is kept: the model trained on images the new split validates on
+    meta = read_meta(run / "last.safetensors")
+    assert meta.training["epochs"] == 2 and meta.training["val_digest"] == recorded

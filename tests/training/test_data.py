@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.preprocess import Augment, Preprocess, open_image
 from model.registry import default_preprocess
@@ -119,3 +121,19 @@ def test_data_spec_parsing() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             DataSpec.parse(bad)
+
+
+@pytest.mark.parametrize(("ext", "fmt"), [("ppm", "PPM"), ("tga", "TGA"), ("ico", "ICO")])
+def test_formats_the_service_refuses_are_skipped_with_the_reason(
+    tmp_path: Path, ext: str, fmt: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pillow reads these, but the service answers 415 for them: training on them would be wasted."""
+    make_image_folder(tmp_path, per_class=4, corrupt=0)
+    other = tmp_path / "red" / f"other.{ext}"
+    Image.new("RGB", (20, 20), (220, 30, 30)).save(other)
+    with caplog.at_level(logging.WARNING):
+        split = load_folder(tmp_path, Preprocess(size=16), 0.25, seed=0)
+    reason = f"{fmt} is not a format the service accepts (JPEG, PNG, WEBP, BMP, GIF, TIFF)"
+    assert split.skipped == [(other, reason)]
+    assert len(split.train) + len(split.val) == 12  # the PNG and JPEG files all kept
+    assert f"{other} ({reason})" in caplog.text
