@@ -189,15 +189,11 @@ class Preprocess:
         out.mul_(scale).sub_(shift)
         return out.to(dtype)
 
-    def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+    def eval_transform(self) -> EvalTransform:
         """PIL image -> normalised (C, H, W) float tensor, as the model saw it in evaluation."""
+        return EvalTransform(self)
 
-        def transform(img: Image.Image) -> torch.Tensor:
-            return self.normalize(self.to_uint8(img))
-
-        return transform
-
-    def train_transform(self, augment: Augment) -> Callable[[Image.Image], torch.Tensor]:
+    def train_transform(self, augment: Augment) -> TrainTransform:
         """Training: the eval geometry plus the configured augmentations. For center_crop a random
         resized crop replaces the eval geometry; for squash and letterbox it crops inside it."""
         from torchvision.transforms import v2  # lazy: serving never needs it
@@ -222,12 +218,33 @@ class Preprocess:
         if any(augment.color_jitter):
             b, c, s, h = augment.color_jitter
             ops.append(v2.ColorJitter(b, c, s, h))
-        pipeline = v2.Compose(ops)
+        return TrainTransform(self, v2.Compose(ops))
 
-        def transform(img: Image.Image) -> torch.Tensor:
-            return self.normalize(_pil_to_uint8(pipeline(self.to_channels(img))))
 
-        return transform
+# The transforms are module-level classes, not closures, so data sets holding them pickle: DataLoader
+# workers started with spawn or forkserver (macOS's default; Linux's from Python 3.14) receive the
+# data set pickled, and a nested function cannot be.
+@dataclass(frozen=True)
+class EvalTransform:
+    """`Preprocess.eval_transform()`: PIL image -> normalised (C, H, W) float tensor."""
+
+    preprocess: Preprocess
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.preprocess.normalize(self.preprocess.to_uint8(img))
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """`Preprocess.train_transform(augment)`: channels, then the augmentation pipeline, then normalise.
+    The pipeline may hold `preprocess.resize_image`; a bound method pickles with its instance."""
+
+    preprocess: Preprocess
+    pipeline: Callable[[Image.Image], Image.Image]
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        pre = self.preprocess
+        return pre.normalize(_pil_to_uint8(self.pipeline(pre.to_channels(img))))
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,28 @@ def _pil(image: Image.Image | np.ndarray) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.fromarray(image)
 
 
+# LazyImages' loaders are module-level classes, not lambdas, so the data sets pickle: DataLoader workers
+# started with spawn or forkserver (macOS's default; Linux's from Python 3.14) get the data set pickled.
+class ItemImages:
+    """Index -> the i-th in-memory image (PIL, or an array made into one)."""
+
+    def __init__(self, images: Any):
+        self.images = images
+
+    def __call__(self, i: int) -> Image.Image:
+        return _pil(self.images[i])
+
+
+class FileImages:
+    """Index -> the i-th file, opened and prepared as serving does."""
+
+    def __init__(self, paths: list[Path], preprocess: Preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __call__(self, i: int) -> Image.Image:
+        return open_image(self.paths[i], self.preprocess)
+
+
 @dataclass
 class DataBundle:
     spec: DataSpec
@@ -196,7 +218,7 @@ def _in_memory(
     """Cache when the transform is the eval one (None); otherwise transform each access."""
     if transform is None:
         return CachedImages(images, targets, pre)
-    return LazyImages(lambda i: _pil(images[i]), targets, transform)
+    return LazyImages(ItemImages(images), targets, transform)
 
 
 def load_data(
@@ -224,15 +246,13 @@ def load_data(
     if spec.kind == "folder":
         assert spec.path is not None
         split = load_folder(spec.path, pre, cfg.val_fraction, cfg.seed)
-        val_paths = [p for p, _ in split.val]
         folder_val = LazyImages(
-            lambda i: open_image(val_paths[i], pre), [t for _, t in split.val], pre.eval_transform()
+            FileImages([p for p, _ in split.val], pre), [t for _, t in split.val], pre.eval_transform()
         )
         tr = None
         if train:
-            paths = [p for p, _ in split.train]
             tr = LazyImages(
-                lambda i: open_image(paths[i], pre),
+                FileImages([p for p, _ in split.train], pre),
                 [t for _, t in split.train],
                 train_tf or pre.eval_transform(),
             )

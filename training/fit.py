@@ -8,6 +8,7 @@ Under torchrun every rank trains on its shard of the data; only rank 0 writes.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,8 @@ def _train(
             raise ConfigError(
                 f"--resume {cfg.resume} already ran {start - 1} epochs; pass --epochs above that"
             )
+        if info.is_main:
+            _carry_best_model(cfg, state)
     if info.is_main:
         log.info("data %s: %d train / %d val images, %d classes; %s with %s parameters on %s "
                  "(%d thread(s)%s)",
@@ -210,6 +213,26 @@ def _resumed_split(
     if is_main:
         log.warning("--resume %s: %s (resuming anyway: --allow-split-change)", cfg.resume, message)
     return str(recorded)
+
+
+def _carry_best_model(cfg: TrainConfig, state: dict[str, Any]) -> None:
+    """Resuming into another --out: the restored best epoch's model.safetensors lies in the earlier
+    run's folder, and is only rewritten here if a later epoch beats it. Copy it over first, so the new
+    folder holds the best model its report.json and log name however the remaining epochs go."""
+    out = Path(cfg.out)
+    target = out / "model.safetensors"
+    previous = Path((state.get("config") or {}).get("out") or out)
+    if target.is_file() or previous.resolve() == out.resolve():
+        return
+    source = previous / "model.safetensors"
+    if not source.is_file():
+        raise ConfigError(
+            f"--resume {cfg.resume} into --out {out}: the best model so far (epoch {state['best']['epoch']}) "
+            f"should be {source}, which is missing; restore it, or resume into {previous}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, target)
+    log.info("copied the best model so far (epoch %d) from %s to %s", state["best"]["epoch"], source, target)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

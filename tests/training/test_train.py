@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 from model.checkpoint import load_checkpoint, read_meta
 from model.preprocess import Preprocess
 from training import fit, shapes
+from training.config import ConfigError
 from training.runs import load_state
 
 from .conftest import tiny_config
@@ -102,6 +104,38 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
     ):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
 
+
+
+def _resume_elsewhere_state(tmp_path: Path) -> dict[str, Any]:
+    """A one-epoch run in tmp_path/first, its state made unbeatable: no epoch after a resume improves."""
+    fit.train(tiny_config(tmp_path, out=str(tmp_path / "first")))
+    state = load_state(tmp_path / "first" / "train_state.pt")
+    # accuracy 1 at loss 0 cannot be beaten, so the resumed run never writes model.safetensors itself
+    state["best"] = {**state["best"], "acc": 1.0, "loss": 0.0}
+    return state
+
+
+def test_resume_into_another_out_folder_carries_the_best_model(tmp_path: Path) -> None:
+    state = _resume_elsewhere_state(tmp_path)
+    resume = str(tmp_path / "first" / "train_state.pt")
+    resumed = fit.train(tiny_config(tmp_path, epochs=2, out=str(tmp_path / "second"), resume=resume), state)
+    assert resumed.epochs_run == 2 and resumed.best_epoch == 1
+    best = tmp_path / "second" / "model.safetensors"
+    assert best.read_bytes() == (tmp_path / "first" / "model.safetensors").read_bytes()
+    report = json.loads((tmp_path / "second" / "report.json").read_text())
+    assert report["checkpoint"] == str(best) and report["epoch"] == 1
+    assert read_meta(best).training["best_epoch"] == 1
+
+
+def test_resume_into_another_out_folder_without_the_best_model_is_refused(tmp_path: Path) -> None:
+    state = _resume_elsewhere_state(tmp_path)
+    (tmp_path / "first" / "model.safetensors").unlink()
+    cfg = tiny_config(
+        tmp_path, epochs=2, out=str(tmp_path / "second"), resume=str(tmp_path / "first" / "train_state.pt")
+    )
+    with pytest.raises(ConfigError, match=r"best model so far \(epoch 1\).*missing"):
+        fit.train(cfg, state)
+    assert not (tmp_path / "second" / "model.safetensors").exists()
 
 # The CUDA case runs where a GPU is present (collected, not skipped, so a CPU-only CI run skips nothing).
 @pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])

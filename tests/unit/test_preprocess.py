@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 
 import numpy as np
 import pytest
@@ -140,3 +141,16 @@ def test_center_crop_train_crop_still_samples_the_source() -> None:
     torch.manual_seed(3)
     ref = v2.Compose([v2.RandomResizedCrop(32, scale=(0.5, 1.0)), v2.PILToTensor()])(img)
     assert torch.equal(ours, pre.normalize(ref))
+
+
+@pytest.mark.parametrize("mode", ["center_crop", "letterbox", "squash"])
+def test_transforms_pickle_and_give_the_same_tensors(mode: Mode) -> None:
+    """DataLoader workers under spawn/forkserver receive the transforms pickled: they must survive it."""
+    pre = Preprocess(size=32, resize=40 if mode == "center_crop" else None, mode=mode)
+    img = _gradient(80, 60)
+    for transform in (pre.eval_transform(), pre.train_transform(Augment())):
+        copy = pickle.loads(pickle.dumps(transform))
+        torch.manual_seed(5)
+        expected = transform(img)
+        torch.manual_seed(5)
+        assert torch.equal(copy(img), expected)
