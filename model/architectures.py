@@ -116,6 +116,16 @@ def freeze_backbone(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def freeze_frozen_batchnorm(model: nn.Module) -> None:
+    """Put batch-norm layers whose affine parameters are frozen (freeze_backbone) in eval mode. Call
+    after every `model.train()`: in train mode they would keep updating their running mean/variance
+    from the new data, so a "frozen" backbone would still change what it computes at inference."""
+    for m in model.modules():
+        frozen = getattr(m, "weight", None) is not None and not m.weight.requires_grad
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and frozen:
+            m.eval()
+
+
 def output_classes(model: nn.Module) -> int:
     """Number of logits the model produces, read from its last Linear layer."""
     last = [m for m in head_module(model).modules() if isinstance(m, nn.Linear)]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from model.architectures import freeze_frozen_batchnorm
 from training.schedule import LRSchedule
 
 
@@ -59,6 +60,7 @@ def train_one_epoch(
 ) -> EpochStats:
     """One pass over `loader`; `progress` is the bar's label (None: no bar)."""
     model.train()
+    freeze_frozen_batchnorm(model)  # a frozen backbone's running statistics stay as loaded
     start = time.perf_counter()
     loss_sum, correct, count = 0.0, 0, 0
     bar = tqdm(loader, desc=progress, leave=False, dynamic_ncols=True, disable=progress is None)

@@ -193,5 +193,8 @@ def test_init_weights_and_frozen_backbone(shapes_run: fit.FitResult, tmp_path: P
     after = {k: v.cpu() for k, v in result.model.state_dict().items()}
     conv_w = "features.0.weight"
     assert torch.equal(after[conv_w], before[conv_w])  # frozen: the backbone did not move
+    # ... nor did its batch-norm running statistics (they would drift in train mode)
+    stats = [k for k in before if k.startswith("features.") and k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(after[k], before[k]) for k in stats)
     assert not torch.equal(after["head.5.weight"], before["head.5.weight"])  # the head trained
     assert read_meta(result.out / "model.safetensors").training["init_weights"] == "last.safetensors"
