@@ -1,0 +1,14 @@
+"""Wire formats: each protocol parses its request into pipeline entries and renders the outcome."""
+
+from __future__ import annotations
+
+PROTOCOLS = ("v1", "v2")
+
+
+def protocol_of(path: str) -> str | None:
+    """Which protocol an inference path speaks (None: not an inference endpoint, nothing counted)."""
+    if path == "/v1/predict":
+        return "v1"
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "v2"
+    return None
