@@ -12,3 +12,15 @@ def protocol_of(path: str) -> str | None:
     if path.startswith("/v2/models/") and path.endswith("/infer"):
         return "v2"
     return None
+
+
+def endpoint_label(path: str) -> str | None:
+    """The bounded `endpoint` label of a /v2 model path (its template), None for other paths."""
+    if not path.startswith("/v2/models/"):
+        return None
+    versioned = "/versions/" in path
+    base = "/v2/models/{name}/versions/{version}" if versioned else "/v2/models/{name}"
+    for suffix in ("/infer", "/ready"):
+        if path.endswith(suffix):
+            return base + suffix
+    return base

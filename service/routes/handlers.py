@@ -38,6 +38,8 @@ def error_response(
     index: int | None = None,
 ) -> JSONResponse:
     if request.url.path.startswith("/v2"):  # the protocol's error object is a bare message
+        if index is not None:  # no per-item errors in v2: the request fails, naming the element
+            message = f"element {index} of the input: {message}"
         return JSONResponse({"error": message}, status_code=status, headers=headers)
     body = error_body(code, message, _request_id(request), index)
     return JSONResponse(body, status_code=status, headers=headers)
