@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import inputs, report, run, soak
+from bench import inputs, protocols, report, run, soak
 
 log = logging.getLogger("bench")
 
@@ -55,7 +55,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--arch", default="mobilenet_v3_small")
     s.add_argument("--image-set", default="photo640", choices=sorted(inputs.SETS))
     s.add_argument("--concurrency", default="16,64", help="comma-separated; alternates per 1000 requests")
-    if not argv or argv[0] not in ("run", "soak", "-h", "--help"):
+    v = sub.add_parser("protocols", help="/v2 binary vs /v1 raw bodies on one service (ratio per round)")
+    _common(v)
+    v.add_argument("--arch", default="convnet")
+    v.add_argument("--image-set", default="small64", choices=sorted(inputs.SETS))
+    v.add_argument("--concurrency", default="1,16", help="comma-separated")
+    v.add_argument("--requests", type=int, default=400, help="requests per protocol, concurrency and round")
+    v.add_argument("--rounds", type=int, default=3)
+    if not argv or argv[0] not in ("run", "soak", "protocols", "-h", "--help"):
         argv = ["run", *argv]
     return p.parse_args(argv)
 
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or temp
     ok = False
     try:
-        quick = getattr(args, "quick", False)
+        quick = getattr(args, "quick", False) or args.command == "protocols"  # few images suffice
         sets = inputs.generate(args.inputs or temp / "inputs", args.seed, quick=quick)
         extra = dict(kv.split("=", 1) for kv in args.env)
         bs = run.BenchSettings(args.torch_threads, args.decode_threads, args.max_batch_size,
@@ -102,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k}={v}" for k, v in service_settings.items()) + "\n"
             args.out.write_text(text)
             args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "soak": res}, indent=1))
+        elif args.command == "protocols":
+            ckpt = run.make_checkpoint(args.arch, 1000 if args.arch != "convnet" else 10,
+                                       workdir / "checkpoints" / f"{args.arch}.safetensors")
+            at = {int(c): args.requests for c in args.concurrency.split(",")}
+            res = protocols.compare(ckpt, sets[args.image_set], bs.service_env(), workdir / "logs", at,
+                                    args.rounds)
+            text = protocols.render(res, f"{args.arch}, {args.image_set}", command)
+            args.out.write_text(text + f"\nMachine: {machine}\n")
+            raw = {"machine": machine, "protocols": res}
+            args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
         else:
             bs.rounds = args.rounds or (1 if quick else 5)
             bs.scale = args.scale

@@ -37,6 +37,7 @@ from service.logs import configure_logging
 from service.metrics import Metrics
 from service.middleware import InFlight, RequestContextMiddleware
 from service.predictor import WarmupStopped
+from service.protocols import PROTOCOLS
 from service.settings import Settings, load_settings
 from service.state import ServiceState, build_predictor, warm_up
 
@@ -51,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     configure_logging(settings.log_format, settings.log_level, settings.access_log)
     metrics = Metrics()
-    metrics.init_reasons([*ERROR_CODES, *REJECTION_REASONS])
+    metrics.init_reasons([*ERROR_CODES, *REJECTION_REASONS], PROTOCOLS)
     in_flight = InFlight()
     app = FastAPI(
         title="convserve",

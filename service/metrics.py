@@ -86,7 +86,10 @@ class Metrics:
             "convserve_in_flight_requests", "Prediction requests being handled", registry=r
         )
         self.rejected = Counter(
-            "convserve_rejected_images", "Images rejected, by reason (the error code)", ["reason"], registry=r
+            "convserve_rejected_images",
+            "Images rejected, by reason (the error code) and protocol (v1, v2)",
+            ["reason", "protocol"],
+            registry=r,
         )
         self.predictions = Counter(
             "convserve_predictions", "Predictions by top-1 label", ["label"], registry=r
@@ -103,10 +106,11 @@ class Metrics:
         self.ready = Gauge("convserve_ready", "1 when the service is warmed up and not draining", registry=r)
         self._label_counters: dict[str, Counter] = {}
 
-    def init_reasons(self, reasons: Iterable[str]) -> None:
-        """Create every reason at 0 so rate() works from the first rejection."""
-        for reason in reasons:
-            self.rejected.labels(reason)
+    def init_reasons(self, reasons: Iterable[str], protocols: Iterable[str]) -> None:
+        """Create every reason of every protocol at 0 so rate() works from the first rejection."""
+        for protocol in protocols:
+            for reason in reasons:
+                self.rejected.labels(reason, protocol)
 
     def watch_queue(self, depth: Callable[[], int], limit: int) -> None:
         self.queue_depth.set_function(lambda: float(depth()))

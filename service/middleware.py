@@ -16,6 +16,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
+from service.protocols import endpoint_label
 
 log = logging.getLogger(__name__)
 _MAX_ID = 200
@@ -99,8 +100,8 @@ class RequestContextMiddleware:
             await send(message)
 
         path = scope["path"]
-        endpoint = path if path in self.endpoints else "other"
-        counted = path in self.work
+        endpoint = path if path in self.endpoints else (endpoint_label(path) or "other")
+        counted = endpoint in self.work
         if counted:
             self.in_flight.count += 1
             self.metrics.in_flight.inc()

@@ -37,7 +37,7 @@ class WarmupStopped(Exception):
 class Job:
     """One decoded image on its way through the batcher."""
 
-    image: torch.Tensor  # (C, H, W) uint8, on the CPU
+    image: torch.Tensor  # (C, H, W) uint8 on the CPU, or float32 already normalised (a /v2 FP32 tensor)
     top_k: int
     all_probs: bool
     predictor: Predictor  # the model whose preprocessing produced `image`
@@ -148,13 +148,22 @@ class Predictor:
 
     def _forward(self, images: list[torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
-            batch = self._to_device(images)
-            x = self.preprocess.normalize(batch, self.dtype)  # (B, C, H, W) on the device
+            if any(img.dtype != torch.uint8 for img in images):
+                x = self._prenormalised(images)
+            else:
+                batch = self._to_device(images)
+                x = self.preprocess.normalize(batch, self.dtype)  # (B, C, H, W) on the device
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = self.model(x)
             # .cpu() synchronises with the device, so the pinned buffer is free again afterwards.
             return logits.float().softmax(dim=-1).cpu()
+
+    def _prenormalised(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """A batch holding client-preprocessed float tensors: normalise only the uint8 ones (rare path,
+        so no pinned staging buffer)."""
+        rows = [img if img.dtype != torch.uint8 else self.preprocess.normalize(img) for img in images]
+        return torch.stack(rows).to(self.device, self.dtype)
 
     def run(self, jobs: list[Job]) -> list[JobResult | NonFiniteOutput]:
         """One result per job, in order; a job whose probabilities are not finite gets NonFiniteOutput

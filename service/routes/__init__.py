@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.routes import admin, handlers, health, model, predict
+from service.routes import admin, handlers, health, model, predict, v2
 
 ENDPOINTS = frozenset(
     {
@@ -16,12 +16,24 @@ ENDPOINTS = frozenset(
         "/metrics",
         "/docs",
         "/openapi.json",
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
     }
 )
-WORK_ENDPOINTS = frozenset({"/v1/predict", "/v1/model/reload"})
+# /v2/models/... paths are labelled by template (service.protocols.endpoint_label); both infer
+# templates are work, counted in flight and waited for by the drain.
+WORK_ENDPOINTS = frozenset(
+    {
+        "/v1/predict",
+        "/v1/model/reload",
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
+    }
+)
 
 
 def install(app: FastAPI) -> None:
-    for module in (predict, model, admin, health):
+    for module in (predict, model, admin, health, v2):
         app.include_router(module.router)
     handlers.install(app)

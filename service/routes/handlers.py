@@ -1,4 +1,5 @@
-"""Exceptions -> the JSON error shape `{"error": {"code", "message", "index"?, "request_id"}}`.
+"""Exceptions -> the JSON error shape `{"error": {"code", "message", "index"?, "request_id"}}`, or
+`{"error": "message"}` under /v2 (the Open Inference Protocol's shape).
 
 HTTP status codes live here and in the routes only; the rest of the service raises typed errors.
 """
@@ -16,10 +17,11 @@ from starlette.responses import JSONResponse
 from service.errors import ImageError
 from service.http_errors import REJECTION_REASONS, ServiceError
 from service.middleware import error_body
+from service.pipeline import count_rejected
+from service.protocols import protocol_of
 from service.state import get_state
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-_PREDICT = "/v1/predict"
 
 
 def _request_id(request: Request) -> str | None:
@@ -28,28 +30,37 @@ def _request_id(request: Request) -> str | None:
 
 
 def error_response(
-    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    index: int | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message, _request_id(request)), status_code=status, headers=headers)
+    if request.url.path.startswith("/v2"):  # the protocol's error object is a bare message
+        if index is not None:  # no per-item errors in v2: the request fails, naming the element
+            message = f"element {index} of the input: {message}"
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    body = error_body(code, message, _request_id(request), index)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _count(request: Request, reason: str) -> None:
-    get_state(request).metrics.rejected.labels(reason).inc()
+def _count(request: Request, reason: str, images: int = 1) -> None:
+    protocol = protocol_of(request.url.path)
+    if protocol is not None:
+        count_rejected(get_state(request).metrics, reason, protocol, images)
 
 
 async def on_image_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImageError)
-    if request.url.path == _PREDICT:
-        _count(request, exc.code)
-    return JSONResponse(
-        error_body(exc.code, exc.message, _request_id(request), exc.index), status_code=exc.status
-    )
+    _count(request, exc.code)
+    return error_response(request, exc.status, exc.code, exc.message, None, exc.index)
 
 
 async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    if exc.code in REJECTION_REASONS and request.url.path == _PREDICT:
-        get_state(request).metrics.rejected.labels(exc.code).inc(exc.images)
+    if exc.code in REJECTION_REASONS:
+        _count(request, exc.code, exc.images)
     return error_response(request, exc.status, exc.code, exc.message, exc.headers)
 
 
@@ -59,8 +70,7 @@ async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path", "header"))
         problems.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
-    if request.url.path == _PREDICT:
-        _count(request, "invalid_parameter")
+    _count(request, "invalid_parameter")
     return error_response(request, 422, "invalid_parameter", "; ".join(problems) or "invalid request")
 
 

@@ -93,3 +93,82 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     504: {"description": "Timed out", "content": _error("timeout", "no answer within 30s")},
 }
+
+_V2_ERROR = {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}
+_V2_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": ["BYTES", "FP32"]},
+        "parameters": {"type": "object"},
+        "data": {"type": "array", "description": "base64 strings (BYTES) or numbers (FP32), flat or nested"},
+    },
+}
+V2_INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "An Open Inference Protocol request. Plain JSON, or (binary tensor data extension) "
+        "the JSON header followed by raw tensor bytes, its length in `Inference-Header-Content-Length`. "
+        "Read raw: no Content-Type is required (tritonclient sends none).",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {"type": "array", "items": _V2_TENSOR, "minItems": 1, "maxItems": 1},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                            },
+                        },
+                    },
+                },
+                "example": {
+                    "inputs": [
+                        {
+                            "name": "image",
+                            "shape": [1],
+                            "datatype": "BYTES",
+                            "parameters": {"content_type": "base64"},
+                            "data": ["iVBORw0KGgoAAAANSUhEUgAA…"],
+                        }
+                    ],
+                    "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}],
+                },
+            },
+            "application/octet-stream": _BINARY,
+        },
+    },
+    "parameters": [
+        {
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "length of the JSON header when binary tensor data follows it",
+        }
+    ],
+}
+V2_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The inference response (JSON; with binary outputs the JSON header, then the tensor "
+        "bytes, its length in the Inference-Header-Content-Length response header)",
+        "content": {"application/json": {"schema": {"type": "object"}}, "application/octet-stream": _BINARY},
+    },
+    400: {
+        "description": "Malformed request, wrong datatype or shape, or a bad image (named)",
+        "content": _V2_ERROR,
+    },
+    404: {"description": "Unknown model or version", "content": _V2_ERROR},
+    413: {"description": "Too large", "content": _V2_ERROR},
+    415: {"description": "An element is not a supported image format", "content": _V2_ERROR},
+    503: {"description": "Warming up, overloaded or draining (see Retry-After)", "content": _V2_ERROR},
+    504: {"description": "Timed out", "content": _V2_ERROR},
+}

@@ -249,7 +249,8 @@ def test_dashboard_has_the_promised_panels() -> None:
     ):
         assert metric in promql, metric
     assert "sum by (code)" in promql or "sum by (endpoint, code)" in promql
-    assert "sum by (stage, le)" in promql and "sum by (reason)" in promql and "sum by (label)" in promql
+    assert "sum by (stage, le)" in promql and "sum by (label)" in promql
+    assert "sum by (protocol, reason)" in promql
 
 
 def test_docs_give_the_published_urls() -> None:

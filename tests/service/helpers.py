@@ -36,8 +36,9 @@ def same(a: list[dict[str, object]], b: list[dict[str, object]]) -> bool:
     )
 
 
-def rejected(server: LiveServer, reason: str) -> float:
-    return server.metrics().get(f'convserve_rejected_images_total{{reason="{reason}"}}', 0.0)
+def rejected(server: LiveServer, reason: str, protocol: str = "v1") -> float:
+    key = f'convserve_rejected_images_total{{protocol="{protocol}",reason="{reason}"}}'
+    return server.metrics().get(key, 0.0)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-import service.routes.predict as predict_route
+import service.pipeline as pipeline
 from service.app import create_app
 from service.settings import load_settings
 from tests import images
@@ -26,13 +26,13 @@ from tests.service.helpers import ready_client
 @pytest.fixture
 def held_decode(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     release = threading.Event()
-    real = predict_route._decode_timed
+    real = pipeline._decode_timed
 
     def held(*args: Any) -> Any:
         assert release.wait(30), "the test never released the decode"
         return real(*args)
 
-    monkeypatch.setattr(predict_route, "_decode_timed", held)
+    monkeypatch.setattr(pipeline, "_decode_timed", held)
     yield release
     release.set()
 
@@ -67,7 +67,8 @@ def test_images_being_decoded_count_against_the_queue_limit(
         t.join(60)
         assert first[0].status_code == 200 and len(first[0].json()["results"]) == 2
         assert app.state.convserve.decoding == 0
-        assert 'convserve_rejected_images_total{reason="overloaded"} 1.0' in c.get("/metrics").text
+        metrics = c.get("/metrics").text
+        assert 'convserve_rejected_images_total{protocol="v1",reason="overloaded"} 1.0' in metrics
         ok = c.post("/v1/predict", content=images.jpeg(), headers={"Content-Type": "image/jpeg"})
         assert ok.status_code == 200  # the slots were given back
 
@@ -82,7 +83,7 @@ def test_decoding_past_the_deadline_answers_504(tiny_checkpoint: Path, held_deco
         metrics = c.get("/metrics").text
         # nothing is lost silently: the upload counts as timed out, the bad entry as bad_base64,
         # although the request as a whole failed before any per-item answer was written
-        assert 'convserve_rejected_images_total{reason="timeout"} 1.0' in metrics
-        assert 'convserve_rejected_images_total{reason="bad_base64"} 1.0' in metrics
+        assert 'convserve_rejected_images_total{protocol="v1",reason="timeout"} 1.0' in metrics
+        assert 'convserve_rejected_images_total{protocol="v1",reason="bad_base64"} 1.0' in metrics
         held_decode.set()
     assert app.state.convserve.decoding == 0

@@ -153,7 +153,8 @@ def test_model_exception_fails_only_its_batch(
         assert any("req-500" in r.getMessage() for r in caplog.records)
         good = c.post("/v1/predict", content=images.jpeg())
         assert good.status_code == 200
-        assert 'convserve_rejected_images_total{reason="internal_error"} 1.0' in c.get("/metrics").text
+        metrics = c.get("/metrics").text
+        assert 'convserve_rejected_images_total{protocol="v1",reason="internal_error"} 1.0' in metrics
 
 
 def test_nan_output_fails_its_request_and_keeps_the_metrics_finite(tiny_checkpoint: Path) -> None:
@@ -172,7 +173,7 @@ def test_nan_output_fails_its_request_and_keeps_the_metrics_finite(tiny_checkpoi
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
         assert "NonFiniteOutput" in r.json()["error"]["message"]
         metrics = c.get("/metrics").text
-        assert 'convserve_rejected_images_total{reason="internal_error"} 1.0' in metrics
+        assert 'convserve_rejected_images_total{protocol="v1",reason="internal_error"} 1.0' in metrics
         assert "convserve_top1_confidence_sum nan" not in metrics.lower()
         state.predictor.forward = real_forward  # type: ignore[method-assign]
         assert c.post("/v1/predict", content=images.jpeg()).status_code == 200

@@ -79,7 +79,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(busy_server: LiveServer
     t2.join(120)
     assert [x.status_code for x in running + queued] == [200, 200]
     m = s.metrics()
-    assert m['convserve_rejected_images_total{reason="overloaded"}'] == 1
+    assert m['convserve_rejected_images_total{protocol="v1",reason="overloaded"}'] == 1
     assert m["convserve_queue_limit"] == 1
     assert m['convserve_requests_total{code="503",endpoint="/v1/predict"}'] == 1
 
@@ -89,7 +89,7 @@ def test_waiting_past_the_timeout_answers_504(slow_checkpoint: Path, tmp_path: P
         r = s.client.post("/v1/predict", content=images.jpeg(), headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 504, r.text
         assert r.json()["error"]["code"] == "timeout"
-        assert s.metrics()['convserve_rejected_images_total{reason="timeout"}'] == 1
+        assert s.metrics()['convserve_rejected_images_total{protocol="v1",reason="timeout"}'] == 1
         # a timeout is the request's failure, not the server's
         assert s.client.get("/readyz").status_code == 200
 
@@ -97,7 +97,7 @@ def test_waiting_past_the_timeout_answers_504(slow_checkpoint: Path, tmp_path: P
 def test_disconnected_client_is_dropped_before_the_model_runs_it(busy_server: LiveServer) -> None:
     s = busy_server
     before = s.metrics()
-    gone = 'convserve_rejected_images_total{reason="client_disconnected"}'
+    gone = 'convserve_rejected_images_total{protocol="v1",reason="client_disconnected"}'
     running: list[httpx.Response] = []
     t1 = _post_in_thread(s, running)
     s.wait_for(

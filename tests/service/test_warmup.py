@@ -57,7 +57,8 @@ def test_port_answers_during_warm_up(tiny_checkpoint: Path, monkeypatch: pytest.
             reload = c.post("/v1/model/reload", headers={"X-API-Key": "k"})
             assert reload.status_code == 503 and reload.json()["error"]["code"] == "not_ready"
             metrics = c.get("/metrics").text
-            assert 'convserve_rejected_images_total{reason="not_ready"} 3.0' in metrics  # 1 + 2 images
+            # 1 + 2 images
+            assert 'convserve_rejected_images_total{protocol="v1",reason="not_ready"} 3.0' in metrics
             assert "convserve_ready 0.0" in metrics
         finally:
             release.set()

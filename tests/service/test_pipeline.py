@@ -1,0 +1,214 @@
+"""The pipeline on its own: a real batcher, decode pool and metrics, fakes for the model and the host.
+
+Each behaviour both protocols rely on is asserted here once; test_predict/test_admission/
+test_overload and test_v2_triton check the same over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from model.preprocess import Preprocess
+from service import pipeline
+from service.batching import DynamicBatcher
+from service.errors import ImageError
+from service.http_errors import ServiceError
+from service.inputs import Upload
+from service.metrics import Metrics
+from service.predictor import Job, JobResult
+from tests import images
+
+
+@dataclass
+class FakeSettings:
+    request_timeout_s: float = 5.0
+    queue_limit: int = 8
+    max_image_pixels: int = 10**7
+
+
+class FakePredictor:
+    """Answers every image with its own name as the top-1 label, so the test can tell models apart."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.labels = [name, "other"]
+        self.preprocess = Preprocess(size=16, resize=16, mode="squash")
+        self.ref = {"name": name, "version": "1", "sha256": "x"}
+
+
+def _result(job: Job) -> JobResult:
+    p: Any = job.predictor
+    return JobResult(
+        [{"label": p.name, "index": 0, "probability": 1.0}], None, 0.0, 0.0, 1, p.name, 1.0, p.ref
+    )
+
+
+@dataclass
+class FakeHost:
+    batch_fn: Callable[[list[Job]], list[JobResult]] = field(default=lambda jobs: [_result(j) for j in jobs])
+    settings: Any = field(default_factory=FakeSettings)
+    metrics: Metrics = field(default_factory=Metrics)
+    decode_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2))
+    predictor: Any = field(default_factory=lambda: FakePredictor("a"))
+    ready: bool = True
+    decoding: int = 0
+    batches: list[list[Job]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        def run(jobs: list[Job]) -> list[JobResult]:
+            self.batches.append(jobs)
+            return self.batch_fn(jobs)
+
+        self.batcher: DynamicBatcher[Job, JobResult] = DynamicBatcher(
+            run, max_size=8, max_wait_s=0.001, limit=self.settings.queue_limit, name="test"
+        )
+
+
+async def _never() -> dict[str, str]:
+    await asyncio.Event().wait()
+    return {}
+
+
+def _infer(
+    host: FakeHost, entries: list[Any], *, receive: Callable[[], Awaitable[Any]] = _never, **kw: Any
+) -> Any:
+    async def scenario() -> Any:
+        async with host.batcher:
+            return await pipeline.infer(
+                host,  # type: ignore[arg-type]
+                entries,
+                protocol=kw.pop("protocol", "v2"),
+                receive=receive,
+                start=time.perf_counter(),
+                top_k=1,
+                all_probs=False,
+                all_or_nothing=kw.pop("all_or_nothing", False),
+            )
+
+    return asyncio.run(scenario())
+
+
+def _rejected(host: FakeHost, reason: str, protocol: str = "v2") -> float:
+    return host.metrics.rejected.labels(reason, protocol)._value.get()
+
+
+def test_uploads_and_tensors_share_one_path() -> None:
+    host = FakeHost()
+    tensor = torch.zeros(3, 16, 16)
+    out = _infer(host, [Upload(images.jpeg(), None), tensor])
+    assert [r.top1_label for r in out.results] == ["a", "a"]
+    assert host.batches[0][0].image.dtype == torch.uint8 and host.batches[0][1].image is tensor
+    assert out.model["name"] == "a" and host.decoding == 0
+
+
+def test_not_ready_refuses_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "_decode_timed", lambda *a: pytest.fail("decoded while not ready"))
+    with pytest.raises(ServiceError) as e:
+        _infer(FakeHost(ready=False), [Upload(images.jpeg(), None)] * 2)
+    assert e.value.code == "not_ready" and e.value.images == 2 and e.value.status == 503
+
+
+def test_admission_counts_images_being_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "_decode_timed", lambda *a: pytest.fail("decoded past the limit"))
+    host = FakeHost(decoding=7)  # limit 8
+    with pytest.raises(ServiceError) as e:
+        _infer(host, [Upload(b"x", None)] * 2)
+    assert e.value.code == "overloaded" and e.value.headers == {"Retry-After": "1"}
+
+
+def test_a_bad_image_is_counted_and_its_neighbours_answered() -> None:
+    host = FakeHost()
+    out = _infer(host, [Upload(b"junk", None), Upload(images.jpeg(), None)], protocol="v1")
+    bad, good = out.items
+    assert isinstance(bad, ImageError) and bad.code == "corrupt_image" and bad.index == 0
+    assert isinstance(good, JobResult)
+    assert _rejected(host, "corrupt_image", "v1") == 1 and _rejected(host, "corrupt_image", "v2") == 0
+
+
+def test_all_or_nothing_fails_naming_the_element_and_queues_nothing() -> None:
+    host = FakeHost()
+    entries = [Upload(images.jpeg(), None), Upload(b"junk", None), Upload(b"more junk", None)]
+    with pytest.raises(ImageError) as e:
+        _infer(host, entries, all_or_nothing=True)
+    assert e.value.code == "corrupt_image" and e.value.index == 1
+    assert host.batches == []
+    assert _rejected(host, "corrupt_image") == 1  # the second bad one; the handler counts the raised one
+
+
+def test_one_model_per_request_across_a_reload(monkeypatch: pytest.MonkeyPatch) -> None:
+    host = FakeHost()
+    real = pipeline._decode_timed
+
+    def decode_then_reload(*args: Any) -> Any:
+        host.predictor = FakePredictor("b")  # a reload lands while the request is decoding
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "_decode_timed", decode_then_reload)
+    out = _infer(host, [Upload(images.jpeg(), None)] * 2)
+    assert [r.top1_label for r in out.results] == ["a", "a"] and out.predictor.name == "a"
+
+
+def test_the_deadline_answers_timeout() -> None:
+    release = threading.Event()
+
+    def slow(jobs: list[Job]) -> list[JobResult]:
+        release.wait(5)
+        return [_result(j) for j in jobs]
+
+    host = FakeHost(batch_fn=slow, settings=FakeSettings(request_timeout_s=0.2))
+    try:
+        with pytest.raises(ServiceError) as e:
+            _infer(host, [torch.zeros(3, 16, 16)])
+    finally:
+        release.set()
+    assert e.value.code == "timeout" and e.value.status == 504
+
+
+def test_a_disconnect_drops_the_queued_work() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def hold(jobs: list[Job]) -> list[JobResult]:
+        started.set()
+        release.wait(5)
+        return [_result(j) for j in jobs]
+
+    host = FakeHost(batch_fn=hold)
+
+    async def scenario() -> None:
+        async with host.batcher:
+            blocker = asyncio.ensure_future(
+                host.batcher.submit(Job(torch.zeros(3, 16, 16), 1, False, host.predictor))
+            )
+            await asyncio.to_thread(started.wait, 5)  # the model is busy; our job waits in the queue
+
+            async def gone() -> dict[str, str]:
+                return {"type": "http.disconnect"}
+
+            try:
+                with pytest.raises(ServiceError) as e:
+                    await pipeline.infer(
+                        host,  # type: ignore[arg-type]
+                        [torch.zeros(3, 16, 16)],
+                        protocol="v2",
+                        receive=gone,
+                        start=time.perf_counter(),
+                        top_k=1,
+                        all_probs=False,
+                        all_or_nothing=True,
+                    )
+                assert e.value.code == "client_disconnected"
+            finally:
+                release.set()
+            await blocker
+
+    asyncio.run(scenario())
+    assert sum(len(b) for b in host.batches) == 1  # the dropped job never reached the model
