@@ -5,7 +5,10 @@ The names are a contract with the deploy dashboards and alerts; see the README's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TypeVar
 
 import torch
 from prometheus_client import (
@@ -25,29 +28,66 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 STAGES = ("decode", "queue", "inference", "response")
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class _GpuMemoryCollector(Collector):
-    """Read at scrape time: device-wide used/total bytes as the driver reports them."""
+    """Read at scrape time, per serving device: what this process's caching allocator holds
+    (allocated by tensors, reserved in all) and the driver's device-wide used/total.
 
-    def __init__(self, devices: list[torch.device]) -> None:
+    A read that raises (a driver hiccup, a device that has failed) is logged and counted in
+    convserve_gpu_metrics_errors_total, and the series it would have given are left out of that
+    scrape: /metrics as a whole must never fail, or Prometheus loses every series, not just these."""
+
+    def __init__(self, devices: list[torch.device], errors: Counter) -> None:
         self.devices = devices
+        self.errors = errors
 
     def collect(self) -> Iterable[Metric]:
-        used = GaugeMetricFamily(
-            "convserve_gpu_memory_used_bytes",
-            "GPU memory in use on the device (all processes)",
-            labels=["device"],
-        )
-        total = GaugeMetricFamily(
-            "convserve_gpu_memory_total_bytes", "GPU memory on the device", labels=["device"]
-        )
+        families = {
+            "allocated": GaugeMetricFamily(
+                "convserve_gpu_memory_allocated_bytes",
+                "GPU memory held by this process's tensors (torch.cuda.memory_allocated)",
+                labels=["device"],
+            ),
+            "reserved": GaugeMetricFamily(
+                "convserve_gpu_memory_reserved_bytes",
+                "GPU memory this process's caching allocator holds (torch.cuda.memory_reserved): "
+                "what the alert watches",
+                labels=["device"],
+            ),
+            "used": GaugeMetricFamily(
+                "convserve_gpu_memory_used_bytes",
+                "GPU memory in use on the device (all processes, as the driver reports it)",
+                labels=["device"],
+            ),
+            "total": GaugeMetricFamily(
+                "convserve_gpu_memory_total_bytes", "GPU memory on the device", labels=["device"]
+            ),
+        }
         for dev in self.devices:
-            free, size = torch.cuda.mem_get_info(dev)
-            used.add_metric([str(dev)], float(size - free))
-            total.add_metric([str(dev)], float(size))
-        yield used
-        yield total
+            name = str(dev)
+            allocated = self._read(name, "memory_allocated", partial(torch.cuda.memory_allocated, dev))
+            if allocated is not None:
+                families["allocated"].add_metric([name], float(allocated))
+            reserved = self._read(name, "memory_reserved", partial(torch.cuda.memory_reserved, dev))
+            if reserved is not None:
+                families["reserved"].add_metric([name], float(reserved))
+            info = self._read(name, "mem_get_info", partial(torch.cuda.mem_get_info, dev))
+            if info is not None:
+                free, size = info
+                families["used"].add_metric([name], float(size - free))
+                families["total"].add_metric([name], float(size))
+        yield from families.values()
+
+    def _read(self, device: str, what: str, read: Callable[[], _T]) -> _T | None:
+        try:
+            return read()
+        except Exception as e:
+            self.errors.labels(device).inc()
+            log.warning("GPU metrics: reading %s on %s failed: %s", what, device, e)
+            return None
 
 
 class Metrics:
@@ -126,7 +166,15 @@ class Metrics:
                 self.predictions.labels(label)
 
     def watch_gpus(self, devices: list[torch.device]) -> None:
-        self.registry.register(_GpuMemoryCollector(devices))
+        errors = Counter(
+            "convserve_gpu_metrics_errors",
+            "GPU memory reads that failed at scrape time (their series were left out of that scrape)",
+            ["device"],
+            registry=self.registry,
+        )
+        for dev in devices:
+            errors.labels(str(dev))
+        self.registry.register(_GpuMemoryCollector(devices, errors))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -97,6 +97,9 @@ async def predict(
         return Response(status_code=499)  # nobody is listening; recorded in the request metrics only
     content_type = request.headers.get("content-type")
     parsed = parse_body(body, content_type, s.max_images_per_request)
+    if st.device_failed:  # a sticky device error: nothing will run here again
+        message = f"the device failed ({st.device_failed}); this replica is being replaced"
+        raise ServiceError("device_failed", message, headers=RETRY, images=len(parsed.entries))
     if not st.ready:  # warming up (the port opens first): answer now rather than queue behind it
         message = "the model is still warming up; retry shortly"
         raise ServiceError("not_ready", message, headers=RETRY, images=len(parsed.entries))
@@ -240,6 +243,9 @@ async def _run_jobs(request: Request, st: ServiceState, jobs: list[Job], deadlin
         else:
             rid = request.scope.get("state", {}).get("request_id")
             log.error("request %s failed: %r (the log above has the details)", rid, o)
+            if st.device_failed:  # this batch was the one that found the device gone
+                raise ServiceError("device_failed", f"the device failed ({st.device_failed}); retry on "
+                                   "another replica", headers=RETRY, images=len(jobs))
             raise ServiceError(
                 "internal_error",
                 f"the model failed on this request's batch ({type(o).__name__}); the server log has "
