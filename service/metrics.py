@@ -20,7 +20,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -40,12 +40,46 @@ class _GpuMemoryCollector(Collector):
     convserve_gpu_metrics_errors_total, and the series it would have given are left out of that
     scrape: /metrics as a whole must never fail, or Prometheus loses every series, not just these."""
 
-    def __init__(self, devices: list[torch.device], errors: Counter) -> None:
+    def __init__(self, devices: list[torch.device]) -> None:
         self.devices = devices
-        self.errors = errors
+        # counted here and yielded after this scrape's reads, so a scrape shows its own failures
+        self.failures = {str(d): 0 for d in devices}
+
+    def describe(self) -> Iterable[Metric]:
+        # The registry calls describe() at registration; without it, it would collect (read the GPU).
+        return [*self._families().values(), self._failures()]
 
     def collect(self) -> Iterable[Metric]:
-        families = {
+        families = self._families()
+        for dev in self.devices:
+            name = str(dev)
+            allocated = self._read(name, "memory_allocated", partial(torch.cuda.memory_allocated, dev))
+            if allocated is not None:
+                families["allocated"].add_metric([name], float(allocated))
+            reserved = self._read(name, "memory_reserved", partial(torch.cuda.memory_reserved, dev))
+            if reserved is not None:
+                families["reserved"].add_metric([name], float(reserved))
+            info = self._read(name, "mem_get_info", partial(torch.cuda.mem_get_info, dev))
+            if info is not None:
+                free, size = info
+                families["used"].add_metric([name], float(size - free))
+                families["total"].add_metric([name], float(size))
+        yield from families.values()
+        yield self._failures()
+
+    def _failures(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "convserve_gpu_metrics_errors",
+            "GPU memory reads that failed at scrape time (their series were left out of that scrape)",
+            labels=["device"],
+        )
+        for device, n in self.failures.items():
+            family.add_metric([device], float(n))
+        return family
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily]:
+        return {
             "allocated": GaugeMetricFamily(
                 "convserve_gpu_memory_allocated_bytes",
                 "GPU memory held by this process's tensors (torch.cuda.memory_allocated)",
@@ -66,26 +100,12 @@ class _GpuMemoryCollector(Collector):
                 "convserve_gpu_memory_total_bytes", "GPU memory on the device", labels=["device"]
             ),
         }
-        for dev in self.devices:
-            name = str(dev)
-            allocated = self._read(name, "memory_allocated", partial(torch.cuda.memory_allocated, dev))
-            if allocated is not None:
-                families["allocated"].add_metric([name], float(allocated))
-            reserved = self._read(name, "memory_reserved", partial(torch.cuda.memory_reserved, dev))
-            if reserved is not None:
-                families["reserved"].add_metric([name], float(reserved))
-            info = self._read(name, "mem_get_info", partial(torch.cuda.mem_get_info, dev))
-            if info is not None:
-                free, size = info
-                families["used"].add_metric([name], float(size - free))
-                families["total"].add_metric([name], float(size))
-        yield from families.values()
 
     def _read(self, device: str, what: str, read: Callable[[], _T]) -> _T | None:
         try:
             return read()
         except Exception as e:
-            self.errors.labels(device).inc()
+            self.failures[device] += 1
             log.warning("GPU metrics: reading %s on %s failed: %s", what, device, e)
             return None
 
@@ -166,15 +186,7 @@ class Metrics:
                 self.predictions.labels(label)
 
     def watch_gpus(self, devices: list[torch.device]) -> None:
-        errors = Counter(
-            "convserve_gpu_metrics_errors",
-            "GPU memory reads that failed at scrape time (their series were left out of that scrape)",
-            ["device"],
-            registry=self.registry,
-        )
-        for dev in devices:
-            errors.labels(str(dev))
-        self.registry.register(_GpuMemoryCollector(devices, errors))
+        self.registry.register(_GpuMemoryCollector(devices))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
