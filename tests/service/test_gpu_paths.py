@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -175,7 +175,7 @@ def test_warm_up_on_cuda_picks_a_small_fixed_thread_count() -> None:
 
 # ---- 8. a reload warms on its own stream and waits for that stream only ---------------------------
 class FakeStream:
-    made: list[FakeStream] = []
+    made: ClassVar[list[FakeStream]] = []
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -208,13 +208,17 @@ def _fake_streams(monkeypatch: pytest.MonkeyPatch) -> list[FakeStream]:
     return FakeStream.made
 
 
-def test_reload_warm_up_runs_on_its_own_stream(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reload_warm_up_runs_on_its_own_stream(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     made = _fake_streams(monkeypatch)
     settings = load_settings(checkpoint=tiny_checkpoint, torch_threads=1, warmup="max", max_batch_size=2)
     cpu_predictor = Predictor.load(tiny_checkpoint, torch.device("cpu"), max_batch_size=2)
     classes = len(cpu_predictor.labels)
     # the device neighbour faked: the forward pass answers on the CPU, run_blank takes the CUDA branch
-    cpu_predictor._forward = lambda images: torch.full((len(images), classes), 1 / classes)  # type: ignore[method-assign]
+    cpu_predictor._forward = (  # type: ignore[method-assign]
+        lambda images: torch.full((len(images), classes), 1 / classes)
+    )
     cpu_predictor._cuda = True
     cpu_predictor.device = torch.device("cuda", 0)
     seen: list[FakeStream | None] = []

@@ -38,7 +38,7 @@ def _ranks(monkeypatch: pytest.MonkeyPatch, rank: int, world: int, local: int) -
 def test_every_gpu_visible_uses_the_local_rank_and_binds_nccl_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _gpus(monkeypatch, 4)
     _ranks(monkeypatch, rank=3, world=4, local=3)
-    info, device = distributed.setup("auto")
+    _, device = distributed.setup("auto")
     assert device == torch.device("cuda", 3)
     assert calls["set_device"] == [torch.device("cuda", 3)]
     ((backend, kw),) = calls["init"]
