@@ -173,7 +173,7 @@ def serve_and_load(out: Path, report: Report) -> str:
             raise AssertionError(f"reload under traffic answered {reload.status_code}: {reload.text[:200]}")
         bad = [x for x in codes if x != 200]
         if bad:
-            raise AssertionError(f"{len(bad)} of {len(codes)} requests (16 clients + reload) failed: {bad[:5]}")
+            raise AssertionError(f"{len(bad)}/{len(codes)} requests failed (16 clients, reload): {bad[:3]}")
         lat.sort()
         report.numbers["16 clients, live service (req/s, p50/p99 ms)"] = (
             f"{len(codes) / 6:.0f}, {1e3 * lat[len(lat) // 2]:.1f}/{1e3 * lat[int(len(lat) * 0.99)]:.1f}")
