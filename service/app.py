@@ -102,7 +102,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     tf32 = set_tf32(settings.tf32)  # before the first kernel: cuDNN would otherwise use TF32 for "fp32"
     if device.type == "cuda":
         log.info("TF32 for fp32 on %s: %s (--tf32 to change)", device, "on" if settings.tf32 else "off")
-        torch.cuda.set_device(device)  # a cuda:N serving device is also the current one (kernels, bf16 check)
+        torch.cuda.set_device(device)  # cuda:N is the current device here too (the model code names it)
         metrics.watch_gpus([device])
     log.debug("tf32 flags %s", tf32)
     state = ServiceState(settings, metrics, device, predictor)
