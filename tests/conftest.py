@@ -194,5 +194,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); scripts/gpu-check.sh runs these")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda") is not None:  # not `in keywords`: ids like [cuda] match that
             item.add_marker(skip)
