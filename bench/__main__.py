@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench import inputs, protocols, report, run, soak
+from model.device import resolve_device
 
 log = logging.getLogger("bench")
 
@@ -28,6 +29,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, help="checkpoints and server logs (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, checkpoints)")
     p.add_argument("--seed", type=int, default=0, help="input generator seed")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present), cpu or cuda:N: the service, baseline and bound all use it")
     p.add_argument("--torch-threads", type=int, default=0, help="0: the service's default")
     p.add_argument("--decode-threads", type=int, default=0, help="0: the service's default (one per core)")
     p.add_argument("--max-batch-size", type=int, default=16)
@@ -84,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         quick = getattr(args, "quick", False) or args.command == "protocols"  # few images suffice
         sets = inputs.generate(args.inputs or temp / "inputs", args.seed, quick=quick)
         extra = dict(kv.split("=", 1) for kv in args.env)
+        device = str(resolve_device(args.device))  # one device for every server and the bound
         bs = run.BenchSettings(args.torch_threads, args.decode_threads, args.max_batch_size,
-                               args.batch_wait_ms, extra_env=extra)
-        machine = report.machine_info()
+                               args.batch_wait_ms, extra_env=extra, device=device)
+        machine = report.machine_info(device)
         settings = {"max_batch_size": bs.max_batch_size,
                     "torch_threads": bs.torch_threads or (
                         "service auto (chosen at warm-up); bound: the service's batch threads (/v1/model); "

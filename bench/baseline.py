@@ -6,7 +6,7 @@ same work per pixel), and runs the model on that one image, on the event loop: o
 no batching, no thread hops. It is deliberately not handicapped: the access log is off (as it is in
 the service by default), and the model is warmed up before /readyz answers.
 
-    python -m bench.baseline --checkpoint F --port P [--torch-threads N]
+    python -m bench.baseline --checkpoint F --port P [--torch-threads N] [--device cuda:0]
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from PIL import Image
 from model.checkpoint import load_checkpoint
 
 
-def create_app(checkpoint: Path) -> FastAPI:
+def create_app(checkpoint: Path, device: str = "cpu") -> FastAPI:
     loaded = load_checkpoint(checkpoint)
-    model = loaded.model.eval()
+    dev = torch.device(device)
+    model = loaded.model.to(dev).eval()
     pre = loaded.preprocess
     transform = pre.eval_transform()
     labels = loaded.meta.labels
     with torch.inference_mode():
-        model(torch.zeros((1, *pre.input_shape)))
+        model(torch.zeros((1, *pre.input_shape), device=dev))
     app = FastAPI()
 
     @app.get("/readyz")
@@ -45,9 +46,9 @@ def create_app(checkpoint: Path) -> FastAPI:
             img = Image.open(io.BytesIO(body)).convert(pre.pil_mode)
         except Exception as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        x = transform(img).unsqueeze(0)  # (1, C, H, W)
+        x = transform(img).unsqueeze(0).to(dev)  # (1, C, H, W)
         with torch.inference_mode():
-            probs = model(x).softmax(dim=-1)[0]
+            probs = model(x).softmax(dim=-1)[0].cpu()
         p, i = probs.topk(min(top_k, len(labels)))
         return {
             "predictions": [
@@ -65,12 +66,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--torch-threads", type=int, default=0, help="0 = torch's default")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N: the device the service is on")
     args = parser.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     import uvicorn
 
-    uvicorn.run(create_app(args.checkpoint), host=args.host, port=args.port, access_log=False,
+    uvicorn.run(create_app(args.checkpoint, args.device), host=args.host, port=args.port, access_log=False,
                 log_level="warning")
 
 

@@ -53,7 +53,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 class Bound:
     def __init__(self, checkpoint: Path, batch: int, precision: str = "fp32", channels_last: bool = True,
-                 fold: bool = True):
+                 fold: bool = True, device: str = "cpu"):
         loaded = load_checkpoint(checkpoint)
         self.pre = loaded.preprocess
         self.dtype = DTYPES[precision]
@@ -61,14 +61,15 @@ class Bound:
         self.channels_last = channels_last
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         model = fold_batchnorm(loaded.model) if fold else loaded.model
-        self.model = model.to(dtype=self.dtype).to(memory_format=fmt).eval()
+        self.device = torch.device(device)
+        self.model = model.to(device=self.device, dtype=self.dtype).to(memory_format=fmt).eval()
 
     def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
-            x = self.pre.normalize(torch.stack(images), self.dtype)  # (B, C, H, W)
+            x = self.pre.normalize(torch.stack(images).to(self.device), self.dtype)  # (B, C, H, W)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return self.model(x).float().softmax(dim=-1)
+            return self.model(x).float().softmax(dim=-1).cpu()  # .cpu(): waits for the device
 
     def warmup(self) -> None:
         blank = torch.zeros(self.pre.input_shape, dtype=torch.uint8)
@@ -113,7 +114,8 @@ class Bound:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    bound = Bound(args.checkpoint, args.batch, args.precision, not args.no_channels_last, not args.no_fold)
+    bound = Bound(args.checkpoint, args.batch, args.precision, not args.no_channels_last, not args.no_fold,
+                  args.device)
     bound.warmup()
     bodies = [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
     if not bodies:
@@ -124,6 +126,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "decode_threads": args.decode_threads,
         "torch_threads": torch.get_num_threads(),
         "precision": args.precision,
+        "device": args.device,
     }
     with ThreadPoolExecutor(args.decode_threads, thread_name_prefix="decode") as pool:
         bound.pipeline(bodies, min(args.count, 2 * args.batch), pool)  # warm the pool and allocator
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers separate")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N (the service's device)")
     p.add_argument("--components", action="store_true", help="also time decode alone and inference alone")
     json.dump(measure(p.parse_args(argv)), sys.stdout)
     sys.stdout.write("\n")

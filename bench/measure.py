@@ -133,12 +133,13 @@ def combine_bounds(bounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def in_process_bound(checkpoint: Path, images: Path, count: int, batch: int, decode_threads: int,
-                     torch_threads: int, precision: str = "fp32", repeats: int = 1) -> dict[str, Any]:
+                     torch_threads: int, precision: str = "fp32", repeats: int = 1,
+                     device: str = "cpu") -> dict[str, Any]:
     """Run bench.inprocess in its own process (its own torch threads, no client in the way)."""
     cmd = [sys.executable, "-m", "bench.inprocess", "--checkpoint", str(checkpoint), "--images",
            str(images), "--count", str(count), "--batch", str(batch), "--decode-threads",
            str(decode_threads), "--torch-threads", str(torch_threads), "--precision", precision,
-           "--repeats", str(repeats), "--components"]
+           "--repeats", str(repeats), "--components", "--device", device]
     busy0 = machine_busy_seconds()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

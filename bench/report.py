@@ -13,7 +13,7 @@ from typing import Any
 NAN = float("nan")
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: str = "cpu") -> dict[str, Any]:
     cpu = "unknown"
     flags: set[str] = set()
     try:
@@ -48,7 +48,7 @@ def machine_info() -> dict[str, Any]:
                                                           "amx_tile", "avx512_vnni", "avx512_fp16"})),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "device": "cpu (no CUDA device visible)" if not _cuda() else "cuda",
+        "device": device_description(device),
         "versions": versions,
         "loadavg_start": _loadavg(),
         "service_sources": sources_digest("service"),
@@ -66,8 +66,16 @@ def sources_digest(package: str) -> str:
     return h.hexdigest()[:12]
 
 
-def _cuda() -> bool:
-    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+def device_description(device: str) -> str:
+    """What the benchmark ran on: the GPU's own name (torch.cuda.get_device_name), not the CPU's."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    import torch
+
+    dev = torch.device(device)
+    major, minor = torch.cuda.get_device_capability(dev)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    return f"{device}: {torch.cuda.get_device_name(dev)} (sm_{major}{minor}, {total / 2**30:.0f} GiB)"
 
 
 def _loadavg() -> str:

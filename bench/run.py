@@ -75,9 +75,12 @@ class BenchSettings:
     rounds: int = 3
     scale: float = 1.0  # multiplies every request count
     extra_env: dict[str, str] = field(default_factory=dict)
+    # One resolved device (cpu or cuda:N) for the service, the baseline and the in-process bound, so
+    # a GPU host never compares a CUDA service with a CPU baseline.
+    device: str = "cpu"
 
     def service_env(self, **more: str) -> dict[str, str]:
-        env: dict[str, str] = {"max_batch_size": str(self.max_batch_size)}
+        env: dict[str, str] = {"max_batch_size": str(self.max_batch_size), "device": self.device}
         if self.torch_threads:
             env["torch_threads"] = str(self.torch_threads)
         if self.decode_threads:
@@ -145,7 +148,7 @@ def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchS
     bounds: list[dict[str, Any]] = []
 
     servers = _start_all([service_server(ckpt, bs.service_env(), logs),
-                          baseline_server(ckpt, bs.torch_threads, logs)])
+                          baseline_server(ckpt, bs.torch_threads, logs, bs.device)])
     try:
         model_info = http_get(servers[0].port, "/v1/model")[1].decode(errors="replace")
         # The bound runs batches with the thread count the service's warm-up chose for this model.
@@ -154,7 +157,7 @@ def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchS
         def bound_round(rnd: int) -> None:  # every round, so the bound sees the machine the servers see
             bounds.append(in_process_bound(ckpt, images.paths[0].parent,
                                            max(16, round(sc.bound_count * bs.scale)), bs.max_batch_size,
-                                           bs.resolved_decode_threads, threads))
+                                           bs.resolved_decode_threads, threads, device=bs.device))
 
         runs = alternate(servers, images.load(), "image/jpeg", requests_at, bs.rounds, bound_round)
     finally:

@@ -153,8 +153,8 @@ def service_server(
     return Server(name, argv, env, port, log_dir)
 
 
-def baseline_server(checkpoint: Path, torch_threads: int, log_dir: Path) -> Server:
+def baseline_server(checkpoint: Path, torch_threads: int, log_dir: Path, device: str = "cpu") -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "bench.baseline", "--checkpoint", str(checkpoint), "--port", str(port),
-            "--torch-threads", str(torch_threads)]
+            "--torch-threads", str(torch_threads), "--device", device]
     return Server("baseline", argv, {}, port, log_dir)

@@ -37,3 +37,16 @@ def resolve_device(requested: str = "auto") -> torch.device:
             "use 'auto' or 'cpu', or check CUDA_VISIBLE_DEVICES and the NVIDIA driver"
         )
     return torch.device("cuda", index)
+
+
+def set_tf32(enabled: bool) -> dict[str, bool]:
+    """Decide TF32 explicitly for fp32 work on CUDA: cuDNN allows it for convolutions by default, so
+    "fp32" on Ampere and later would silently run at TF32 precision. Process-wide; harmless on the
+    CPU. Returns the flags as torch now holds them."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return tf32_state()
+
+
+def tf32_state() -> dict[str, bool]:
+    return {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}

@@ -28,7 +28,7 @@ from PIL import Image
 from starlette.middleware.cors import CORSMiddleware
 
 from model.checkpoint import CheckpointError
-from model.device import resolve_device
+from model.device import resolve_device, set_tf32
 from service import OMP_POLICY_APPLIED, routes
 from service.decode import decode_to_tensor
 from service.errors import ERROR_CODES
@@ -100,8 +100,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except (CheckpointError, ValueError) as e:
         log.error("cannot start: %s", e)
         raise
+    tf32 = set_tf32(settings.tf32)  # before the first kernel: cuDNN would otherwise use TF32 for "fp32"
     if device.type == "cuda":
+        log.info("TF32 for fp32 on %s: %s (--tf32 to change)", device, "on" if settings.tf32 else "off")
+        torch.cuda.set_device(device)  # cuda:N is the current device here too (the model code names it)
         metrics.watch_gpus([device])
+    log.debug("tf32 flags %s", tf32)
     state = ServiceState(settings, metrics, device, predictor)
     app.state.convserve = state
     restore, stop_server = _drain_on_sigterm(state, app.state.in_flight)

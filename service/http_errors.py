@@ -45,6 +45,11 @@ SERVICE_ERROR_CODES: Final[dict[str, tuple[int, str]]] = {
         "The model is still warming up (the port opens before warm-up ends); retry after Retry-After.",
     ),
     "warmup_failed": (503, "/healthz and /readyz: the model failed its warm-up; the process is stopping."),
+    "device_failed": (
+        503,
+        "The device failed (e.g. a sticky CUDA error): /healthz, /readyz and /v1/predict answer 503 so "
+        "the orchestrator replaces this replica.",
+    ),
     "not_found": (404, "No such endpoint."),
     "method_not_allowed": (405, "The endpoint does not take this HTTP method."),
     "unauthorized": (401, "The X-API-Key header is missing."),
@@ -53,6 +58,11 @@ SERVICE_ERROR_CODES: Final[dict[str, tuple[int, str]]] = {
     "invalid_checkpoint": (
         400,
         "The reload checkpoint cannot be loaded or warmed up; the old model keeps serving.",
+    ),
+    "unsupported_precision": (
+        400,
+        "The reload checkpoint cannot run at the configured precision on this device (e.g. bf16 before "
+        "compute capability 8.0); the old model keeps serving.",
     ),
     "reload_in_progress": (409, "Another reload is running; try again when it has finished."),
 }
@@ -65,5 +75,6 @@ REJECTION_REASONS: Final[tuple[str, ...]] = (
     "timeout",
     "internal_error",
     "not_ready",
+    "device_failed",
     "client_disconnected",
 )

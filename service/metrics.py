@@ -5,7 +5,10 @@ The names are a contract with the deploy dashboards and alerts; see the README's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TypeVar
 
 import torch
 from prometheus_client import (
@@ -17,7 +20,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -25,29 +28,86 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 STAGES = ("decode", "queue", "inference", "response")
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class _GpuMemoryCollector(Collector):
-    """Read at scrape time: device-wide used/total bytes as the driver reports them."""
+    """Read at scrape time, per serving device: what this process's caching allocator holds
+    (allocated by tensors, reserved in all) and the driver's device-wide used/total.
+
+    A read that raises (a driver hiccup, a device that has failed) is logged and counted in
+    convserve_gpu_metrics_errors_total, and the series it would have given are left out of that
+    scrape: /metrics as a whole must never fail, or Prometheus loses every series, not just these."""
 
     def __init__(self, devices: list[torch.device]) -> None:
         self.devices = devices
+        # counted here and yielded after this scrape's reads, so a scrape shows its own failures
+        self.failures = {str(d): 0 for d in devices}
+
+    def describe(self) -> Iterable[Metric]:
+        # The registry calls describe() at registration; without it, it would collect (read the GPU).
+        return [*self._families().values(), self._failures()]
 
     def collect(self) -> Iterable[Metric]:
-        used = GaugeMetricFamily(
-            "convserve_gpu_memory_used_bytes",
-            "GPU memory in use on the device (all processes)",
+        families = self._families()
+        for dev in self.devices:
+            name = str(dev)
+            allocated = self._read(name, "memory_allocated", partial(torch.cuda.memory_allocated, dev))
+            if allocated is not None:
+                families["allocated"].add_metric([name], float(allocated))
+            reserved = self._read(name, "memory_reserved", partial(torch.cuda.memory_reserved, dev))
+            if reserved is not None:
+                families["reserved"].add_metric([name], float(reserved))
+            info = self._read(name, "mem_get_info", partial(torch.cuda.mem_get_info, dev))
+            if info is not None:
+                free, size = info
+                families["used"].add_metric([name], float(size - free))
+                families["total"].add_metric([name], float(size))
+        yield from families.values()
+        yield self._failures()
+
+    def _failures(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "convserve_gpu_metrics_errors",
+            "GPU memory reads that failed at scrape time (their series were left out of that scrape)",
             labels=["device"],
         )
-        total = GaugeMetricFamily(
-            "convserve_gpu_memory_total_bytes", "GPU memory on the device", labels=["device"]
-        )
-        for dev in self.devices:
-            free, size = torch.cuda.mem_get_info(dev)
-            used.add_metric([str(dev)], float(size - free))
-            total.add_metric([str(dev)], float(size))
-        yield used
-        yield total
+        for device, n in self.failures.items():
+            family.add_metric([device], float(n))
+        return family
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily]:
+        return {
+            "allocated": GaugeMetricFamily(
+                "convserve_gpu_memory_allocated_bytes",
+                "GPU memory held by this process's tensors (torch.cuda.memory_allocated)",
+                labels=["device"],
+            ),
+            "reserved": GaugeMetricFamily(
+                "convserve_gpu_memory_reserved_bytes",
+                "GPU memory this process's caching allocator holds (torch.cuda.memory_reserved): "
+                "what the alert watches",
+                labels=["device"],
+            ),
+            "used": GaugeMetricFamily(
+                "convserve_gpu_memory_used_bytes",
+                "GPU memory in use on the device (all processes, as the driver reports it)",
+                labels=["device"],
+            ),
+            "total": GaugeMetricFamily(
+                "convserve_gpu_memory_total_bytes", "GPU memory on the device", labels=["device"]
+            ),
+        }
+
+    def _read(self, device: str, what: str, read: Callable[[], _T]) -> _T | None:
+        try:
+            return read()
+        except Exception as e:
+            self.failures[device] += 1
+            log.warning("GPU metrics: reading %s on %s failed: %s", what, device, e)
+            return None
 
 
 class Metrics:

@@ -48,6 +48,7 @@ class Host(Protocol):
     decode_pool: ThreadPoolExecutor
     predictor: Predictor
     ready: bool
+    device_failed: str | None  # a sticky device error: nothing will run here again
     decoding: int
 
 
@@ -114,6 +115,9 @@ async def infer(
     `start` is when the request began (perf_counter): the deadline runs from there.
     """
     s, m = host.settings, host.metrics
+    if host.device_failed:
+        message = f"the device failed ({host.device_failed}); this replica is being replaced"
+        raise ServiceError("device_failed", message, headers=RETRY, images=len(entries))
     if not host.ready:  # warming up (the port opens first): answer now rather than queue behind it
         message = "the model is still warming up; retry shortly"
         raise ServiceError("not_ready", message, headers=RETRY, images=len(entries))

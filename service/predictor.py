@@ -2,7 +2,10 @@
 
 After construction and warm-up, a Predictor's model is only touched from the batcher's single
 inference thread (`run`), so no lock is needed around it. A reload builds a new Predictor beside the
-old one (warming it in another thread) and swaps the reference.
+old one (warming it in another thread) and swaps the reference. On CUDA that warm-up runs on a stream of
+its own (service.state.side_stream), and both models sit in GPU memory until the old one's last
+batch ends: a reload needs room for two models' weights plus the new one's warm-up activations
+(docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -27,6 +30,26 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class NonFiniteOutput(RuntimeError):
     """The model produced NaN/inf probabilities for one image (e.g. an fp16 overflow): that image's
     request fails as a server error; the other images of the batch are answered."""
+
+
+class PrecisionError(ValueError):
+    """The serving device cannot run the requested precision natively (e.g. bf16 before Ampere)."""
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """Refuse bf16 on a CUDA device without native bf16. Asks about `device` itself (not the
+    current device, which is cuda:0 unless set), and does not count emulation as support: bf16
+    emulated on a V100 or T4 runs, far slower than fp16 or fp32. Native bf16 needs compute
+    capability 8.0 (Ampere) or later; ROCm builds support it on every GPU they run on."""
+    if device.type != "cuda" or precision != "bf16" or torch.version.hip:
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise PrecisionError(
+            f"precision bf16 is not supported natively by {torch.cuda.get_device_name(device)} on {device} "
+            f"(compute capability {major}.{minor}; bf16 needs 8.0 or later); serve it with --precision "
+            "fp16 or fp32"
+        )
 
 
 class WarmupStopped(Exception):
@@ -89,8 +112,7 @@ class Predictor:
         self.dtype = DTYPES[precision]
         if device.type == "cpu" and precision == "fp16":
             log.warning("precision fp16 on the CPU is usually slower than fp32; bf16 is the CPU's half type")
-        if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise CheckpointError(f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}")
+        check_precision(device, precision)
         # channels_last measured faster for our CNNs on both oneDNN (CPU) and cuDNN (tensor cores).
         self.channels_last = channels_last != "off"
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -221,8 +243,8 @@ class Predictor:
         probs = self._forward([self._blank] * n)
         if not torch.isfinite(probs).all():
             raise CheckpointError(f"{self.path}: the model produced NaN/inf on a blank warm-up batch")
-        if self._cuda:
-            torch.cuda.synchronize(self.device)
+        if self._cuda:  # only the stream this warm-up runs on (a reload's own): live batches go on
+            torch.cuda.current_stream(self.device).synchronize()
 
     def model_ref(self) -> dict[str, str]:
         return dict(self.ref)

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="inference dtype")
+    tf32: bool = Field(
+        False,
+        description="on CUDA, let fp32 convolutions and matmuls use TF32 tensor cores (Ampere and "
+        "later: faster, ~3 fewer decimal digits); off by default so that fp32 means fp32",
+    )
     channels_last: Literal["auto", "on", "off"] = Field(
         "auto", description="channels_last memory format; auto turns it on where it is faster"
     )

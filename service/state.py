@@ -7,23 +7,37 @@ assignment: batches already running finish on the old model, the next batch uses
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from starlette.requests import Request
 
 from model.checkpoint import CheckpointError
 from service.batching import DynamicBatcher
+from service.device_health import device_failure
 from service.metrics import Metrics
-from service.predictor import Job, JobResult, NonFiniteOutput, Predictor
+from service.predictor import Job, JobResult, NonFiniteOutput, PrecisionError, Predictor
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+# On CUDA the host side of a batch only stacks uint8 images and launches kernels: one torch thread
+# is enough, and every other core is left to decoding (timing thread counts there means nothing).
+CUDA_TORCH_THREADS = 1
+
+
+def side_stream(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A CUDA stream of its own for work beside live traffic (a reload's warm-up): kernels on it
+    never queue behind, or in front of, the serving stream's batches. A no-op on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream(device))
 
 
 def build_predictor(
@@ -52,7 +66,10 @@ def build_predictor(
         predictor.precision,
     )
     if warm_threads:
-        took = warm_at(predictor, settings.warmup_sizes(), warm_threads)
+        # A reload warms beside live traffic: on CUDA on its own stream, which Predictor.run_blank
+        # synchronises (not the whole device), so live batches never wait for the warm-up.
+        with side_stream(device):
+            took = warm_at(predictor, settings.warmup_sizes(), warm_threads)
         log.info("warm-up at %s thread(s) took %.2fs", "/".join(map(str, warm_threads)), took)
     return predictor
 
@@ -86,6 +103,12 @@ def warm_up(
     the decode threads, so it must be clearly faster (below 0.75x); a lone image only has to win
     (below 0.9x), since the decoders are idle then."""
     few = torch.get_num_threads()
+    if predictor.device.type == "cuda":  # the GPU does the math: no CPU thread timing (see above)
+        n = min(few, CUDA_TORCH_THREADS)
+        took = warm_at(predictor, sizes, (n,), stop)
+        log.info("warm-up of %d batch size(s) on %s took %.2fs; %d torch thread(s), the other cores "
+                 "decode", len(sizes), predictor.device, took, n)
+        return n, n
     took = warm_at(predictor, sizes, (few, all_threads), stop)
     if all_threads == few:  # pinned with --torch-threads, or a single core
         log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
@@ -143,6 +166,9 @@ class ServiceState:
         self.ready = False
         self.draining = False
         self.failed: str | None = None  # why warm-up failed; the process is stopping then
+        # Why the device became unusable (a sticky CUDA error): /healthz and /readyz answer 503
+        # device_failed from then on, so the orchestrator replaces this replica.
+        self.device_failed: str | None = None
         self.stopping = threading.Event()  # read by a warm-up still running on the inference thread
         self.decoding = 0  # images in the decode pool (event loop only); counts against queue_limit
         metrics.watch_queue(lambda: self.batcher.depth, settings.queue_limit)
@@ -150,7 +176,14 @@ class ServiceState:
 
     def set_ready(self, ready: bool) -> None:
         self.ready = ready
-        self.metrics.ready.set(1 if ready and not self.draining else 0)
+        self.metrics.ready.set(1 if ready and not self.draining and not self.device_failed else 0)
+
+    def mark_device_failed(self, reason: str) -> None:
+        if self.device_failed is None:
+            log.critical("the device %s has failed (%s): /healthz and /readyz now answer 503 "
+                         "device_failed; this replica must be replaced", self.device, reason)
+        self.device_failed = reason
+        self.metrics.ready.set(0)
 
     def start_draining(self) -> None:
         self.draining = True
@@ -175,8 +208,11 @@ class ServiceState:
         for predictor, rows in groups.values():
             try:
                 out = predictor.run([jobs[i] for i in rows])
-            except Exception:
+            except Exception as e:
                 log.exception("inference failed for a batch of %d image(s) on %s", len(rows), predictor.name)
+                reason = device_failure(e, predictor.device)
+                if reason is not None:
+                    self.mark_device_failed(reason)
                 raise
             for i, r in zip(rows, out, strict=True):
                 if isinstance(r, NonFiniteOutput):
@@ -203,7 +239,7 @@ class ServiceState:
                     await self.batcher.call_in_worker(warm_at, new, sizes, threads)
                 else:  # eager and TorchScript run safely beside a warm-up: no pause in serving
                     new = await asyncio.to_thread(build_predictor, self.settings, self.device, path, threads)
-            except CheckpointError:
+            except (CheckpointError, PrecisionError):
                 raise
             except Exception as e:  # warm-up failed: the file loaded but the model cannot run
                 log.warning("reload of %s failed", path, exc_info=True)

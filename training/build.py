@@ -37,7 +37,9 @@ def build_network(cfg: TrainConfig, spec: DataSpec) -> tuple[dict[str, Any], Pre
     return arch_config, pre
 
 
-def loaders(cfg: TrainConfig, data: DataBundle, info: Dist) -> tuple[DataLoader, DataLoader, Any]:
+def loaders(
+    cfg: TrainConfig, data: DataBundle, info: Dist, device: torch.device
+) -> tuple[DataLoader, DataLoader, Any]:
     workers = (
         cfg.workers
         if cfg.workers >= 0
@@ -53,7 +55,9 @@ def loaders(cfg: TrainConfig, data: DataBundle, info: Dist) -> tuple[DataLoader,
     common: dict[str, Any] = {
         "num_workers": workers,
         "persistent_workers": workers > 0,
-        "pin_memory": torch.cuda.is_available(),
+        # Pinned pages only help a copy to a GPU; pinning for a CPU run on a GPU host would also
+        # start a CUDA context for nothing.
+        "pin_memory": device.type == "cuda",
     }
     train = DataLoader(data.train, cfg.batch_size, sampler=sampler, drop_last=drop_last, **common)
     # Validation shards are disjoint (no padding, unlike DistributedSampler) so sums are exact.

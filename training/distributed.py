@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model.device import resolve_device
+from model.device import cuda_device_count, resolve_device
 from training.engine import EpochStats, EvalResult
 
 log = logging.getLogger(__name__)
@@ -46,18 +46,55 @@ def from_env() -> Dist:
     )
 
 
+def rank_device(info: Dist, requested_device: str) -> torch.device:
+    """This process's device. Under torchrun on CUDA: cuda:LOCAL_RANK when every GPU of the node is
+    visible to every rank; cuda:0 when each rank sees exactly one GPU (Kubernetes, SLURM and
+    CUDA_VISIBLE_DEVICES per rank give each process "its" GPU as device 0). Fewer GPUs than local ranks
+    otherwise is refused: two ranks on one GPU would deadlock NCCL or halve its memory unannounced."""
+    device = resolve_device(requested_device)
+    if not info.enabled or device.type != "cuda":
+        return device
+    count = cuda_device_count()
+    if info.local_rank < count:
+        return torch.device("cuda", info.local_rank)
+    if count == 1:
+        log.info("rank %d (local rank %d) sees one GPU: using cuda:0", info.rank, info.local_rank)
+        return torch.device("cuda", 0)
+    raise ValueError(
+        f"local rank {info.local_rank} has no GPU of its own: {count} CUDA device(s) visible; start at "
+        "most that many processes per node, or give each rank one GPU (CUDA_VISIBLE_DEVICES)"
+    )
+
+
 def setup(requested_device: str) -> tuple[Dist, torch.device]:
     """Pick this process's device (via model.device, the one place that decides) and join the group."""
     info = from_env()
-    device = resolve_device(requested_device)
-    if info.enabled and device.type == "cuda":
-        device = resolve_device(f"cuda:{info.local_rank}")  # one GPU per process
+    device = rank_device(info, requested_device)
+    if device.type == "cuda":
+        # cuda:N becomes the current device too: kernels, NCCL and the caching allocator would
+        # otherwise start a context on cuda:0 (single-process --device cuda:1 included).
         torch.cuda.set_device(device)
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+        # device_id binds the NCCL communicator to this rank's GPU at once (no guessing, no hang on
+        # a rank that picked the wrong device); gloo on the CPU takes none.
+        dist.init_process_group(
+            backend,
+            rank=info.rank,
+            world_size=info.world_size,
+            device_id=device if device.type == "cuda" else None,
+        )
         log.info("rank %d/%d joined the %s process group on %s", info.rank, info.world_size, backend, device)
     return info, device
+
+
+def all_ranks(obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order (a collective: every rank must call it); [obj] alone."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup() -> None:

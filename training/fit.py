@@ -107,7 +107,15 @@ def _train(
     net: nn.Module = model
     if info.enabled:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_loader, val_loader, sampler = build.loaders(cfg, data, info)
+    if info.enabled:
+        # The weights start equal on every rank (DDP broadcasts rank 0's too) and the data order comes
+        # from the sampler's own seed; what draws from the global generators from here on (dropout,
+        # augmentation, DataLoader worker seeds) must differ between ranks, or every rank applies the
+        # same dropout masks and crops to its shard.
+        build.seed_everything(cfg.seed + info.rank)
+        log.info("rank %d: random ops seeded with %d (seed + rank); the sampler with %d",
+                 info.rank, cfg.seed + info.rank, cfg.seed)
+    train_loader, val_loader, sampler = build.loaders(cfg, data, info, device)
     optimizer = build.optimizer(cfg, model)
     schedule = LRSchedule(optimizer, cfg.schedule, cfg.peak_lr, len(train_loader), cfg.epochs,
                           cfg.warmup_epochs, cfg.step_size, cfg.gamma, cfg.plateau_patience)
@@ -125,7 +133,7 @@ def _train(
         schedule.load_state_dict(state["schedule"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _restore_rng(state, device)
+        _restore_rng(state, device, info.rank)
         progress = Progress(list(state["history"]), dict(state["best"]), int(state["bad_epochs"]))
         start = int(state["epoch"]) + 1
         if start > cfg.epochs:
@@ -161,6 +169,7 @@ def _train(
         schedule.epoch_end(result.accuracy)
         improved = progress.update(epoch, result)
         progress.history.append(_row(epoch, lr, stats, result))
+        rank_rng = distributed.all_ranks(_rng_state(device))  # every rank's own streams, for a resume
         if info.is_main:
             _log_epoch(epoch, cfg.epochs, stats, result, lr, improved)
             summary = {"epochs": epoch, "best_epoch": progress.best["epoch"],
@@ -175,7 +184,8 @@ def _train(
                 "format": 1, "epoch": epoch, "config": cfg.to_dict(), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, **_rng_state(device),
-                "history": progress.history, "best": progress.best, "bad_epochs": progress.bad_epochs,
+                "rank_rng": rank_rng, "history": progress.history, "best": progress.best,
+                "bad_epochs": progress.bad_epochs,
                 "val_digest": val_digest})
             reports.write_history(out / "history.csv", progress.history)
         # every rank computed the same reduced metrics, so every rank stops at the same epoch
@@ -236,19 +246,30 @@ def _carry_best_model(cfg: TrainConfig, state: dict[str, Any]) -> None:
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    """The RNG states a resume restores: the CPU's, and every CUDA device's when training on CUDA
-    (dropout and other random ops on the GPU draw from those, not from the CPU generator). Not on CPU
-    runs, where saving them would only start a CUDA context on a machine that has one."""
-    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    """The RNG states a resume restores: the CPU's, and this process's CUDA device's when training on
+    CUDA (dropout and other random ops on the GPU draw from it, not from the CPU generator). Not on
+    CPU runs, where reading it would only start a CUDA context on a machine that has one."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return {"rng": torch.get_rng_state(), "cuda_rng": cuda}
 
 
-def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["rng"])
-    cuda = state.get("cuda_rng")  # None from a CPU run; absent from states written before it was saved
-    if cuda and device.type == "cuda":
-        # a state written on a machine with more GPUs restores the devices this one has
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+def _restore_rng(state: dict[str, Any], device: torch.device, rank: int = 0) -> None:
+    """Restore this rank's own streams: `rank_rng` holds one entry per rank (rank 0 writes the file
+    but every rank's states were gathered into it). Older files hold rank 0's only."""
+    ranks = state.get("rank_rng")
+    own = ranks[rank] if ranks and rank < len(ranks) else state
+    if own is state and rank > 0:
+        log.warning("rank %d: the train state has no RNG state for this rank (written by an older "
+                    "version or with fewer processes); it resumes with rank 0's", rank)
+    torch.set_rng_state(own["rng"])
+    cuda = own.get("cuda_rng")  # None from a CPU run; absent from states written before it was saved
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, list):  # written before per-rank states: every device of rank 0's process
+        if device.index is not None and device.index < len(cuda):
+            torch.cuda.set_rng_state(cuda[device.index], device)
+        return
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def _row(epoch: int, lr: float, stats: EpochStats, result: EvalResult) -> dict[str, Any]:

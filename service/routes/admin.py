@@ -15,6 +15,7 @@ from starlette.requests import Request
 from model.checkpoint import CheckpointError
 from service.errors import ImageError
 from service.http_errors import ServiceError
+from service.predictor import PrecisionError
 from service.state import get_state
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ async def reload_model(
     start = time.perf_counter()
     try:
         old, new = await st.reload(path)
+    except PrecisionError as e:
+        log.warning("reload refused, still serving %s: %s", st.predictor.name, e)
+        raise ServiceError("unsupported_precision", f"{e} (still serving the previous model)") from None
     except CheckpointError as e:
         log.warning("reload refused, still serving %s: %s", st.predictor.name, e)
         raise ServiceError("invalid_checkpoint", f"{e} (still serving the previous model)") from None

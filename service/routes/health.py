@@ -18,6 +18,8 @@ async def healthz(request: Request) -> JSONResponse:
     st = get_state(request)
     if st.failed:  # the process is stopping; an orchestrator should replace it
         return error_response(request, 503, "warmup_failed", st.failed)
+    if st.device_failed:  # the process runs but can never serve again: restart it
+        return error_response(request, 503, "device_failed", st.device_failed)
     return JSONResponse({"status": "ok"})
 
 
@@ -26,6 +28,8 @@ async def readyz(request: Request) -> JSONResponse:
     st = get_state(request)
     if st.failed:  # checked first: a failed warm-up also drains (it stops the server)
         return error_response(request, 503, "warmup_failed", st.failed)
+    if st.device_failed:
+        return error_response(request, 503, "device_failed", st.device_failed)
     if st.draining:
         return error_response(request, 503, "shutting_down", "draining after SIGTERM; send no new work")
     if not st.ready:

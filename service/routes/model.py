@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.requests import Request
 
+from model.device import tf32_state
 from service.state import get_state
 
 router = APIRouter(tags=["model"])
@@ -18,6 +19,8 @@ async def model_info(request: Request) -> dict[str, Any]:
     s = st.settings
     return {
         **st.predictor.describe(),
+        # TF32 for fp32 work (CUDA only; the CPU never uses it): the setting and torch's flags now
+        "tf32": {"enabled": s.tf32, **tf32_state()},
         "serving": {
             "max_batch_size": s.max_batch_size,
             "max_batch_wait_ms": s.max_batch_wait_ms,

@@ -42,6 +42,8 @@ def _model(st: ServiceState, name: str, model_version: str | None) -> Predictor:
 
 
 def _unready(st: ServiceState) -> ServiceError | None:
+    if st.device_failed:
+        return ServiceError("device_failed", st.device_failed)
     if st.failed:
         return ServiceError("warmup_failed", st.failed)
     if st.draining:
@@ -61,6 +63,8 @@ async def server_metadata() -> dict[str, Any]:
 @router.get("/v2/health/live", summary="Server live (200 while the process answers)")
 async def live(request: Request) -> JSONResponse:
     st = get_state(request)
+    if st.device_failed:  # the process runs but can never serve again: restart it
+        raise ServiceError("device_failed", st.device_failed)
     if st.failed:
         raise ServiceError("warmup_failed", st.failed)
     return JSONResponse({"live": True})

@@ -34,7 +34,13 @@ from tests.deploy.promstack import (
 from tests.tooling import require_tool
 
 # Series that only a CUDA replica exports (metrics.py's GPU collector).
-GPU_ONLY = {"convserve_gpu_memory_used_bytes", "convserve_gpu_memory_total_bytes"}
+GPU_ONLY = {
+    "convserve_gpu_memory_used_bytes",
+    "convserve_gpu_memory_total_bytes",
+    "convserve_gpu_memory_allocated_bytes",
+    "convserve_gpu_memory_reserved_bytes",
+    "convserve_gpu_metrics_errors_total",
+}
 
 
 @dataclass

@@ -127,34 +127,68 @@ def test_missing_cuda_device_stops_start_up(
 
 
 # ---- failures inside the process ------------------------------------------------------------------
+def _fail_first_batch(state: ServiceState, error: Exception) -> None:
+    real_run = state.predictor.run
+    calls = 0
+
+    def explode_once(jobs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise error
+        return real_run(jobs)
+
+    state.predictor.run = explode_once  # type: ignore[method-assign]
+
+
 def test_model_exception_fails_only_its_batch(
     tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A one-off exception (a bug hit by one batch on the CPU) fails that batch; the replica serves on."""
     app = create_app(_settings(tiny_checkpoint))
     with ready_client(app) as c:
         state: ServiceState = app.state.convserve
-        real_run = state.predictor.run
-        calls = 0
-
-        def explode_once(jobs: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return real_run(jobs)
-
-        state.predictor.run = explode_once  # type: ignore[method-assign]
+        _fail_first_batch(state, RuntimeError("boom: a shape mismatch in this batch"))
         with caplog.at_level(logging.ERROR):
             bad = c.post("/v1/predict", content=images.jpeg(), headers={"X-Request-ID": "req-500"})
         assert bad.status_code == 500
         assert bad.json()["error"]["code"] == "internal_error"
         assert bad.headers["x-request-id"] == "req-500" == bad.json()["error"]["request_id"]
-        assert any(r.exc_info and "illegal memory access" in str(r.exc_info[1]) for r in caplog.records)
+        assert any(r.exc_info and "shape mismatch" in str(r.exc_info[1]) for r in caplog.records)
         assert any("req-500" in r.getMessage() for r in caplog.records)
         good = c.post("/v1/predict", content=images.jpeg())
         assert good.status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
         metrics = c.get("/metrics").text
         assert 'convserve_rejected_images_total{protocol="v1",reason="internal_error"} 1.0' in metrics
+
+
+def test_sticky_cuda_error_fails_liveness_and_readiness(
+    tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An illegal memory access poisons the CUDA context: every later batch would fail. The replica
+    says so on /healthz and /readyz (503 device_failed), so the orchestrator replaces it, and
+    refuses work at once instead of answering 500 forever."""
+    app = create_app(_settings(tiny_checkpoint))
+    with ready_client(app) as c:
+        state: ServiceState = app.state.convserve
+        _fail_first_batch(state, RuntimeError("CUDA error: an illegal memory access was encountered"))
+        with caplog.at_level(logging.ERROR):
+            bad = c.post("/v1/predict", content=images.jpeg())
+        assert bad.status_code == 503 and bad.json()["error"]["code"] == "device_failed"
+        assert any("illegal memory access" in r.getMessage() and r.levelno == logging.CRITICAL
+                   for r in caplog.records)
+        for probe in ("/healthz", "/readyz"):
+            r = c.get(probe)
+            assert r.status_code == 503, probe
+            assert r.json()["error"]["code"] == "device_failed"
+            assert "illegal memory access" in r.json()["error"]["message"]
+        # the model would answer again (the fake fails once), but a failed device is never trusted
+        again = c.post("/v1/predict", content=images.jpeg())
+        assert again.status_code == 503 and again.json()["error"]["code"] == "device_failed"
+        metrics = c.get("/metrics").text
+        assert 'convserve_rejected_images_total{protocol="v1",reason="device_failed"} 2.0' in metrics
+        assert "convserve_ready 0.0" in metrics
 
 
 def test_nan_output_fails_its_request_and_keeps_the_metrics_finite(tiny_checkpoint: Path) -> None:

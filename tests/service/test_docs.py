@@ -1,4 +1,5 @@
-"""The README lists every setting and every error code the service can answer with."""
+"""The README (or the docs/ page of its capability) lists every setting and error code the service
+can answer with."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from service.errors import ERROR_CODES
 from service.http_errors import SERVICE_ERROR_CODES
 from service.settings import Settings, flag_name
 
-DOC = Path(__file__).resolve().parents[2] / "README.md"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_setting_and_error_code_is_documented() -> None:
-    text = DOC.read_text()
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     for name in Settings.model_fields:
         assert f"`{flag_name(name)}`" in text and f"`CONVSERVE_{name.upper()}`" in text, name
     for code, entry in ERROR_CODES.items():

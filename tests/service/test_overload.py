@@ -51,6 +51,7 @@ def busy_server(slow_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
         max_images_per_request=1,
         max_batch_size=1,
         request_timeout_s=300,
+        device="cpu",  # the premise is a model slow enough to fill the queue: CPU speed
     ) as s:
         yield s
 
@@ -85,7 +86,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(busy_server: LiveServer
 
 
 def test_waiting_past_the_timeout_answers_504(slow_checkpoint: Path, tmp_path: Path) -> None:
-    with run_server(slow_checkpoint, tmp_path, max_batch_size=1, request_timeout_s=0.3) as s:
+    with run_server(slow_checkpoint, tmp_path, max_batch_size=1, request_timeout_s=0.3, device="cpu") as s:
         r = s.client.post("/v1/predict", content=images.jpeg(), headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 504, r.text
         assert r.json()["error"]["code"] == "timeout"

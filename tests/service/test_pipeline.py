@@ -60,6 +60,7 @@ class FakeHost:
     decode_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2))
     predictor: Any = field(default_factory=lambda: FakePredictor("a"))
     ready: bool = True
+    device_failed: str | None = None
     decoding: int = 0
     batches: list[list[Job]] = field(default_factory=list)
 

@@ -24,7 +24,8 @@ GRACE_S = 30
 def test_sigterm_drains_in_flight_work(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "slow.safetensors", size=384, config=slow_config())
     with run_server(
-        ckpt, tmp_path, cli=True, max_batch_size=1, drain_delay_s=1.0, grace_period_s=GRACE_S
+        ckpt, tmp_path, cli=True, max_batch_size=1, drain_delay_s=1.0, grace_period_s=GRACE_S,
+        device="cpu",  # in-flight work must still be running at SIGTERM: CPU speed
     ) as s:
         results: list[httpx.Response] = []
 

@@ -26,6 +26,8 @@ class TimedModel:
     """Each blank batch of n at t threads costs `cost[(t, n)]` seconds on a fake clock (no sleeping,
     so the choice is deterministic on a loaded machine); records what it was run at."""
 
+    device = torch.device("cpu")  # thread timing is the CPU path (CUDA: test_gpu_paths.py)
+
     def __init__(self, cost: dict[tuple[int, int], float], clock: list[float]) -> None:
         self.cost = cost
         self.clock = clock

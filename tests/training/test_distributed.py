@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from model.checkpoint import load_checkpoint, read_meta
+from training.runs import load_state
 
 from .conftest import REPO, tiny_flags
 
@@ -48,3 +51,10 @@ def test_torchrun_two_ranks_end_identical_and_rank0_writes(tmp_path: Path) -> No
     assert loaded.meta.training["val_images"] == 24
     assert "2 processes" in proc.stdout
     assert not list(out.glob("*.tmp"))
+    # random ops differ between ranks (seed + rank) while the sampler and the weights stay in step,
+    # and the state holds every rank's own RNG streams for a resume
+    for rank in (0, 1):
+        assert f"rank {rank}: random ops seeded with {rank}" in proc.stdout
+    rank_rng = load_state(out / "train_state.pt")["rank_rng"]
+    assert len(rank_rng) == 2
+    assert not torch.equal(rank_rng[0]["rng"], rank_rng[1]["rng"])
