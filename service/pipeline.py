@@ -261,6 +261,9 @@ async def _run_jobs(
             raise ServiceError("shutting_down", "the server is shutting down", headers=RETRY, images=n)
         else:
             log.error("request %s failed: %r (the log above has the details)", request_id, o)
+            if host.device_failed:  # this batch was the one that found the device gone
+                raise ServiceError("device_failed", f"the device failed ({host.device_failed}); retry on "
+                                   "another replica", headers=RETRY, images=n)
             raise ServiceError(
                 "internal_error",
                 f"the model failed on this request's batch ({type(o).__name__}); the server log has "
