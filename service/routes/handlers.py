@@ -33,14 +33,14 @@ def error_response(
     return JSONResponse(error_body(code, message, _request_id(request)), status_code=status, headers=headers)
 
 
-def _count(request: Request, reason: str) -> None:
-    get_state(request).metrics.rejected.labels(reason).inc()
+def _count(request: Request, reason: str, images: int = 1) -> None:
+    get_state(request).metrics.rejected.labels(reason).inc(images)
 
 
 async def on_image_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImageError)
     if request.url.path == _PREDICT:
-        _count(request, exc.code)
+        _count(request, exc.code, exc.images)
     return JSONResponse(
         error_body(exc.code, exc.message, _request_id(request), exc.index), status_code=exc.status
     )
