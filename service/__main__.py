@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from model.checkpoint import CheckpointError, read_meta
     from service.app import create_app
+    from service.http_server import ConvserveHttpProtocol, DrainingServer
 
     try:  # the header only: a wrong file fails here in a line, not in a start-up traceback
         read_meta(settings.checkpoint)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     # process would die "by SIGTERM". The drain has finished by then: make that a clean exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -87,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.grace_period_s) or 1,
         server_header=False,
+        # httptools underneath, plus header limits and the per-connection drain state
+        http=ConvserveHttpProtocol,
     )
+    server = DrainingServer(config)  # hands its listeners to the drain (closed after drain_delay_s)
+    server.run()
+    if not server.started:
+        return 3  # uvicorn's STARTUP_FAILURE: the port could not be bound or the lifespan failed
     failed = getattr(app.state, "convserve", None) and app.state.convserve.failed
     if failed:
         print(f"convserve-serve: {failed}", file=sys.stderr)

@@ -5,9 +5,11 @@ The lifespan loads and verifies the checkpoint on the resolved device before the
 file or device stops start-up at once), then warms up in the background with the port open:
 /healthz answers 200 at once, so a liveness probe never kills a replica that is still warming up (a
 compiled model takes minutes), while /readyz and /v1/predict answer 503 `not_ready` until every batch
-size has run. A warm-up failure stops the process (non-zero exit). On SIGTERM /readyz turns 503 while
-the listener stays open for in-flight work (bounded by the grace period), then uvicorn shuts down and
-the lifespan drains the batcher.
+size has run. A warm-up failure stops the process (non-zero exit). On SIGTERM /readyz turns 503, every
+response says `Connection: close`, the listener stays open for the drain delay, then closes (late
+clients are refused at connect), and the process waits until no connection holds an unanswered
+request (service/http_server.py; bounded by the grace period) before uvicorn shuts down and the
+lifespan drains the batcher.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from service import OMP_POLICY_APPLIED, routes
 from service.decode import decode_to_tensor
 from service.errors import ERROR_CODES
 from service.http_errors import REJECTION_REASONS
+from service.http_server import HTTP_LAYER_REASONS, LAYER, HttpLimits
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.middleware import InFlight, RequestContextMiddleware
@@ -53,7 +56,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_format, settings.log_level, settings.access_log)
     metrics = Metrics()
     metrics.init_reasons([*ERROR_CODES, *REJECTION_REASONS], PROTOCOLS)
+    metrics.init_reasons(HTTP_LAYER_REASONS, ["http"])
     in_flight = InFlight()
+    # The HTTP layer (when serving through service.http_server's protocol) enforces these limits
+    # before the app sees a request, and counts what it refuses in the same rejection metric.
+    LAYER.configure(
+        HttpLimits(
+            max_request_line_bytes=settings.max_request_line_bytes,
+            max_header_bytes=settings.max_header_bytes,
+            max_header_count=settings.max_header_count,
+            header_timeout_s=settings.header_timeout_s,
+        ),
+        # protocol="http": refused before any route, so before it is known whether it was v1 or v2
+        lambda reason: metrics.rejected.labels(reason, "http").inc(),
+    )
     app = FastAPI(
         title="convserve",
         version="0.1.0",
@@ -203,10 +219,20 @@ def _drain_on_sigterm(
     async def drain(sig: int, frame: FrameType | None) -> None:
         state.start_draining()
         log.info("SIGTERM: /readyz now 503; finishing %d in-flight request(s)", in_flight.count)
-        await asyncio.sleep(settings.drain_delay_s)
-        deadline = loop.time() + settings.grace_period_s
-        while (in_flight.count or state.batcher.depth or state.batcher.busy) and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+
+        def app_busy() -> bool:
+            return bool(in_flight.count or state.batcher.depth or state.batcher.busy)
+
+        if LAYER.active:  # our protocol: Connection: close, unread requests counted, listener closed
+            settled = await LAYER.drain(settings.drain_delay_s, settings.grace_period_s, app_busy)
+        else:  # another HTTP protocol: only the requests the app has started are visible
+            await asyncio.sleep(settings.drain_delay_s)
+            deadline = loop.time() + settings.grace_period_s
+            while app_busy() and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            settled = not app_busy()
+        if not settled:
+            log.warning("grace period (%.1fs) over with work left: stopping anyway", settings.grace_period_s)
         previous(sig, frame)  # uvicorn: stop accepting, close idle connections, run lifespan shutdown
 
     def on_sigterm(sig: int, frame: FrameType | None) -> None:

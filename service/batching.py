@@ -85,6 +85,9 @@ class DynamicBatcher(Generic[In, Out]):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.busy = False  # the worker is running a batch
+        # The batch being filled or run: a stop that times out cancels the worker, and these
+        # futures live nowhere else, so they must be failed here too, not only the queued ones.
+        self._current: list[_Entry[In, Out]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,15 +98,19 @@ class DynamicBatcher(Generic[In, Out]):
         """Take no new work, finish what is queued (up to `timeout`), then stop the worker."""
         self._closing = True
         self._wakeup.set()
+        timed_out = False
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except TimeoutError:
+                timed_out = True
                 log.warning("batcher: %d queued item(s) not finished in %.1fs", len(self._queue), timeout)
                 self._task.cancel()
                 self._fail_all(BatcherClosed("the server is shutting down"))
         if self._own_executor:
-            self._executor.shutdown(wait=True)
+            # After a timeout the worker thread may still be inside the hung batch: waiting for it
+            # here would block the event loop and defeat the timeout.
+            self._executor.shutdown(wait=not timed_out, cancel_futures=timed_out)
 
     async def __aenter__(self) -> DynamicBatcher[In, Out]:
         self.start()
@@ -182,12 +189,13 @@ class DynamicBatcher(Generic[In, Out]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch = self._take(self.max_size, loop.time())
+            batch = self._current = self._take(self.max_size, loop.time())
             if 1 < len(batch) < self.max_size and self.max_wait_s > 0:
                 await self._fill(batch, loop)
-            batch = self._still_wanted(batch, loop.time())  # some may have gone while it filled
+            batch = self._current = self._still_wanted(batch, loop.time())  # some left while it filled
             if batch:
                 await self._dispatch(batch, loop)
+            self._current = []
 
     async def _fill(self, batch: list[_Entry[In, Out]], loop: asyncio.AbstractEventLoop) -> None:
         """Concurrent traffic: wait up to max_wait_s for the batch to fill."""
@@ -242,6 +250,10 @@ class DynamicBatcher(Generic[In, Out]):
                 e.future.set_result(out)
 
     def _fail_all(self, exc: Exception) -> None:
+        for entry in self._current:
+            if not entry.future.done():
+                entry.future.set_exception(exc)
+        self._current = []
         while self._queue:
             entry = self._pop()
             if not entry.future.done():

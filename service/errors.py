@@ -47,13 +47,20 @@ class ImageError(Exception):
     """
 
     def __init__(
-        self, code: str, message: str, status: int | None = None, *, index: int | None = None
+        self,
+        code: str,
+        message: str,
+        status: int | None = None,
+        *,
+        index: int | None = None,
+        images: int = 1,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status if status is not None else status_for(code)
         self.index = index
+        self.images = images  # images the request loses (convserve_rejected_images_total counts each)
 
     def with_index(self, index: int) -> ImageError:
         """A copy that names the position of the failing image in a multi-image request."""

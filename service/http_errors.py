@@ -65,6 +65,17 @@ SERVICE_ERROR_CODES: Final[dict[str, tuple[int, str]]] = {
         "compute capability 8.0); the old model keeps serving.",
     ),
     "reload_in_progress": (409, "Another reload is running; try again when it has finished."),
+    "headers_too_large": (
+        431,
+        "The request headers exceed CONVSERVE_MAX_HEADER_BYTES or CONVSERVE_MAX_HEADER_COUNT; refused "
+        "before the body is read, and the connection is closed.",
+    ),
+    "request_line_too_long": (414, "The request line exceeds CONVSERVE_MAX_REQUEST_LINE_BYTES."),
+    "header_timeout": (
+        408,
+        "The request headers were not complete within CONVSERVE_HEADER_TIMEOUT_S (a slow or stalled "
+        "client); the connection is closed.",
+    ),
 }
 
 # Reasons counted in convserve_rejected_images_total besides the image error codes.
@@ -77,4 +88,7 @@ REJECTION_REASONS: Final[tuple[str, ...]] = (
     "not_ready",
     "device_failed",
     "client_disconnected",
+    "headers_too_large",  # the HTTP layer (service/http_server.py): refused before the app runs
+    "request_line_too_long",
+    "header_timeout",
 )

@@ -68,7 +68,10 @@ def parse_body(body: bytes, content_type: str | None, max_images: int) -> Parsed
         return Parsed([Upload(body, content_type)], single=True)
     if len(entries) > max_images:
         raise ImageError(
-            "bad_request", f"{len(entries)} images in one request; the limit is {max_images}", 400
+            "bad_request",
+            f"{len(entries)} images in one request; the limit is {max_images}",
+            400,
+            images=len(entries),  # every refused image is counted, not one per request
         )
     return Parsed(entries, single=len(entries) == 1)
 

@@ -82,6 +82,18 @@ class Settings(BaseSettings):
         0.0, ge=0, description="after SIGTERM, keep serving with /readyz 503 this long before closing"
     )
     grace_period_s: float = Field(30.0, gt=0, description="after SIGTERM, longest wait for in-flight work")
+    # HTTP-layer limits (service/http_server.py), checked by the protocol before the app sees a byte.
+    # 16 KiB of headers is 2x nginx's default large_client_header_buffers line and far above any
+    # real client of this API (a browser with cookies sends ~1-4 KiB); 100 headers is h11's and
+    # Go's order of magnitude; 8 KiB request line is nginx's and Apache's default.
+    max_request_line_bytes: int = Field(
+        8 * 1024, ge=64, description="longest request target (method line URL) in bytes (414)"
+    )
+    max_header_bytes: int = Field(16 * 1024, ge=256, description="total request header bytes (431)")
+    max_header_count: int = Field(100, ge=8, description="most request headers (431)")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must finish sending a request's headers within this (408)"
+    )
 
     @field_validator("checkpoint")
     @classmethod

@@ -140,3 +140,13 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every rank, as DDP's own forward would.
+    Called once by every rank before evaluating the plain module: evaluating through the DDP
+    wrapper would broadcast per batch, and ranks with unequal validation shards would deadlock."""
+    if not dist.is_initialized():
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)

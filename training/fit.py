@@ -164,8 +164,12 @@ def _train(
         stats = distributed.reduce_stats(train_one_epoch(
             net, train_loader, criterion, optimizer, schedule, device, scaler=scaler, grad_clip=cfg.grad_clip,
             amp=amp, channels_last=cfg.channels_last, progress=bar), device)
-        result = distributed.reduce_eval(
-            evaluate(net, val_loader, device, len(labels), amp=amp, channels_last=cfg.channels_last), device)
+        # Evaluate the plain module, not the DDP wrapper: DDP's forward broadcasts buffers (a
+        # collective), so ranks with unequal validation batches (fewer images than ranks: none)
+        # would wait on each other forever. The replicas' buffers are identical after training.
+        distributed.sync_buffers(model)
+        result = distributed.reduce_eval(evaluate(
+            model, val_loader, device, len(labels), amp=amp, channels_last=cfg.channels_last), device)
         schedule.epoch_end(result.accuracy)
         improved = progress.update(epoch, result)
         progress.history.append(_row(epoch, lr, stats, result))

@@ -53,7 +53,7 @@ def _count(request: Request, reason: str, images: int = 1) -> None:
 
 async def on_image_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImageError)
-    _count(request, exc.code)
+    _count(request, exc.code, exc.images)
     return error_response(request, exc.status, exc.code, exc.message, None, exc.index)
 
 

@@ -59,13 +59,16 @@ def test_upload_over_limit_while_streaming(server: LiveServer) -> None:
         for _ in range(MAX_UPLOAD // 16384 + 4):
             yield b"\0" * 16384
 
+    before = rejected(server, "payload_too_large")
     try:
         r = server.client.post("/v1/predict", content=chunks(), headers={"Content-Type": "image/png"})
     except httpx.TransportError:  # the server may close before the client has sent everything
-        pass
-    else:
+        r = None
+    if r is not None:
         assert r.status_code == 413
         assert r.json()["error"]["code"] == "payload_too_large"
+    # whatever the transport did, the server must have refused it as too large (not failed otherwise)
+    assert rejected(server, "payload_too_large") == before + 1
     assert server.client.post("/v1/predict", content=images.jpeg()).status_code == 200
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -49,6 +50,10 @@ def test_torchrun_two_ranks_end_identical_and_rank0_writes(tmp_path: Path) -> No
     loaded = load_checkpoint(out / "model.safetensors")
     assert loaded.meta.training["world_size"] == 2
     assert loaded.meta.training["val_images"] == 24
+    # the reported validation counts are the all-reduced sums of both shards (12 + 12), not rank 0's
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"] == 24
+    assert sum(map(sum, report["confusion_matrix"])) == 24
     assert "2 processes" in proc.stdout
     assert not list(out.glob("*.tmp"))
     # random ops differ between ranks (seed + rank) while the sampler and the weights stay in step,
@@ -58,3 +63,25 @@ def test_torchrun_two_ranks_end_identical_and_rank0_writes(tmp_path: Path) -> No
     rank_rng = load_state(out / "train_state.pt")["rank_rng"]
     assert len(rank_rng) == 2
     assert not torch.equal(rank_rng[0]["rng"], rank_rng[1]["rng"])
+
+
+def test_fewer_validation_images_than_ranks_does_not_hang(tmp_path: Path) -> None:
+    """Rank 1 gets an empty validation shard; the all-reduced counts still cover the one image."""
+    out = tmp_path / "ddp1"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "training", "train", *tiny_flags(epochs=1, val_size=1), "--out", str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # it hung forever before the fix
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    # the all-reduced validation counts cover exactly the one image (rank 1 added zeros)
+    assert report["samples"] == 1, report
+    assert sum(map(sum, report["confusion_matrix"])) == 1, report
