@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         0.0, ge=0, description="after SIGTERM, keep serving with /readyz 503 this long before closing"
     )
     grace_period_s: float = Field(30.0, gt=0, description="after SIGTERM, longest wait for in-flight work")
+    watch_checkpoint: bool = Field(
+        False,
+        description="reload by itself, through the validated reload path, when the checkpoint file is "
+        "replaced (polled with stat; a bad new file is refused and logged, the old model keeps serving)",
+    )
+    watch_interval_s: float = Field(2.0, gt=0, description="how often --watch-checkpoint checks the file")
 
     @field_validator("checkpoint")
     @classmethod
