@@ -1,4 +1,4 @@
-"""The README lists every setting and every error code the service can answer with."""
+"""docs/serving.md lists every setting and every error code the service can answer with."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from service.errors import ERROR_CODES
 from service.http_errors import SERVICE_ERROR_CODES
 from service.settings import Settings, flag_name
 
-DOC = Path(__file__).resolve().parents[2] / "README.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 
 
 def test_every_setting_and_error_code_is_documented() -> None:
