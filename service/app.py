@@ -43,6 +43,7 @@ from service.predictor import WarmupStopped
 from service.protocols import PROTOCOLS
 from service.settings import Settings, load_settings
 from service.state import ServiceState, build_predictor, warm_up
+from service.watch import start_watching, stop_watching
 
 log = logging.getLogger(__name__)
 DESCRIPTION = """Image classification for a convserve checkpoint.
@@ -126,10 +127,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.convserve = state
     restore, stop_server = _drain_on_sigterm(state, app.state.in_flight)
     warming = asyncio.create_task(_warm_up_then_ready(state, stop_server), name="warm-up")
+    watcher = start_watching(state)  # None unless --watch-checkpoint
     try:
         yield
     finally:
         state.start_draining()  # also tells a running warm-up to stop at its next batch size
+        await stop_watching(watcher)
         await asyncio.wait([warming])
         await state.close()
         restore()

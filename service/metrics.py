@@ -164,6 +164,16 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("convserve_ready", "1 when the service is warmed up and not draining", registry=r)
+        self.reloads = Counter(
+            "convserve_reloads",
+            "Model reloads by trigger (watch: the checkpoint file changed; api: POST /v1/model/reload) "
+            "and result (ok, or refused: the old model kept serving)",
+            ["trigger", "result"],
+            registry=r,
+        )
+        for trigger in ("watch", "api"):  # every series at 0, so increase() sees the first one
+            for result in ("ok", "refused"):
+                self.reloads.labels(trigger, result)
         self._label_counters: dict[str, Counter] = {}
 
     def init_reasons(self, reasons: Iterable[str], protocols: Iterable[str]) -> None:

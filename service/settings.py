@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(
         10.0, gt=0, description="a connection must finish sending a request's headers within this (408)"
     )
+    watch_checkpoint: bool = Field(
+        False,
+        description="reload by itself, through the validated reload path, when the checkpoint file is "
+        "replaced (polled with stat; a bad new file is refused and logged, the old model keeps serving)",
+    )
+    watch_interval_s: float = Field(2.0, gt=0, description="how often --watch-checkpoint checks the file")
 
     @field_validator("checkpoint")
     @classmethod

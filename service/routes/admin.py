@@ -90,9 +90,11 @@ async def reload_model(
         log.warning("reload refused, still serving %s: %s", st.predictor.name, e)
         raise ServiceError("unsupported_precision", f"{e} (still serving the previous model)") from None
     except CheckpointError as e:
+        st.metrics.reloads.labels("api", "refused").inc()
         log.warning("reload refused, still serving %s: %s", st.predictor.name, e)
         raise ServiceError("invalid_checkpoint", f"{e} (still serving the previous model)") from None
     took = time.perf_counter() - start
+    st.metrics.reloads.labels("api", "ok").inc()
     log.info(
         "reloaded: %s (%s) -> %s (%s) in %.2fs", old.name, old.sha256[:12], new.name, new.sha256[:12], took
     )

@@ -255,7 +255,7 @@ def test_dashboard_has_the_promised_panels() -> None:
 
 
 def test_docs_give_the_published_urls() -> None:
-    docs = (REPO / "README.md").read_text()
+    docs = (REPO / "docs" / "deployment.md").read_text()
     services = compose()["services"]
     for name in ("lb", "prometheus", "grafana"):
         (port,) = services[name]["ports"]

@@ -131,6 +131,10 @@ def test_reload_good_and_bad_files_under_traffic(server: LiveServer, tmp_path: P
     assert not any(k.startswith("convserve_model_info") and 'version="1"' in k for k in m)
     # the new model's labels exist from the swap on (requests the old model finished keep their labels)
     assert all(f'convserve_predictions_total{{label="{x}"}}' in m for x in labels)
+    # every API reload is counted by its outcome (v2 and v3 swapped in, three files refused)
+    assert m['convserve_reloads_total{result="ok",trigger="api"}'] == 2
+    assert m['convserve_reloads_total{result="refused",trigger="api"}'] == 3
+    assert m['convserve_reloads_total{result="ok",trigger="watch"}'] == 0  # not watching here
 
     # no body: reload the configured checkpoint (version 1)
     r = _reload(server)
