@@ -15,8 +15,10 @@ import torch
 from torch.nn import functional as F
 
 BINS = 15  # equal-width confidence bins for ECE and the reliability diagram (the usual choice)
-# The search range. A validation split the model gets entirely right has no finite optimum (sharper
-# always lowers its NLL); the bounds keep T a usable number and `at_bound` tells the user.
+# The search range. A validation split the model gets (almost) entirely right has no finite optimum:
+# sharper always lowers its NLL, and the search runs into T_MIN. That is no evidence that the model
+# should be more confident on the images it will be served, so calibrate() then keeps T = 1 (raw
+# softmax) and says so; at T_MAX (a model near chance level) flattening is honest and is kept.
 T_MIN, T_MAX = 0.05, 20.0
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -87,12 +89,18 @@ def reliability(probs: torch.Tensor, targets: torch.Tensor, bins: int = BINS) ->
 
 def calibrate(logits: torch.Tensor, targets: torch.Tensor, bins: int = BINS) -> dict[str, Any]:
     """The record stored as CheckpointMeta.calibration (layout: docs/calibration.md)."""
-    t = sig(fit_temperature(logits, targets))  # the service divides by exactly the stored number
+    fitted = sig(fit_temperature(logits, targets))
+    at_bound = math.isclose(fitted, T_MIN, rel_tol=1e-3) or math.isclose(fitted, T_MAX, rel_tol=1e-3)
+    no_optimum = math.isclose(fitted, T_MIN, rel_tol=1e-3)
+    t = 1.0 if no_optimum else fitted  # the service divides by exactly the stored number
     before, after = logits.double().softmax(dim=1), (logits.double() / t).softmax(dim=1)
     return {
         "method": "temperature",
         "temperature": t,
-        "at_bound": bool(math.isclose(t, T_MIN, rel_tol=1e-3) or math.isclose(t, T_MAX, rel_tol=1e-3)),
+        "fitted_temperature": fitted,
+        "at_bound": at_bound,
+        "note": ("the validation split has too few mistakes to fit a temperature (the NLL falls all the "
+                 f"way to T = {T_MIN}): T = 1 kept, probabilities as trained") if no_optimum else "",
         "fitted_on": "validation",
         "images": int(targets.numel()),
         "bins": bins,

@@ -54,7 +54,7 @@ def finish(
     log.info("temperature scaling: T = %.4g, ECE %.4f -> %.4f, NLL %.4f -> %.4f on %d validation images%s",
              record["temperature"], record["ece_before"], record["ece_after"], record["nll_before"],
              record["nll_after"], record["images"],
-             " (T at the search bound: the split gives no finite optimum)" if record["at_bound"] else "")
+             f" ({record['note']})" if record["note"] else "")
     reports.plot_reliability(out / "reliability.png", record)
     probs = (logits.double() / record["temperature"]).softmax(dim=1)
     write_samples(out / "samples.png", data, loaded.preprocess, probs, targets, meta.labels)

@@ -142,7 +142,7 @@ def _calibration_lines(cal: dict[str, Any] | None) -> list[str]:
         "## Calibration (temperature scaling, fitted on the validation split)",
         "",
         f"- temperature T = {cal['temperature']:.4g} (the service serves softmax(logits / T))"
-        + (" **at the search bound**: the split gives no finite optimum" if cal.get("at_bound") else ""),
+        + (f" ({cal['note']})" if cal.get("note") else ""),
         f"- expected calibration error ({cal['bins']} bins): {cal['ece_before']:.4f} before, "
         f"**{cal['ece_after']:.4f}** after",
         f"- negative log-likelihood: {cal['nll_before']:.4f} before, {cal['nll_after']:.4f} after",
