@@ -146,7 +146,12 @@ def _calibration_lines(cal: dict[str, Any] | None) -> list[str]:
         f"- expected calibration error ({cal['bins']} bins): {cal['ece_before']:.4f} before, "
         f"**{cal['ece_after']:.4f}** after",
         f"- negative log-likelihood: {cal['nll_before']:.4f} before, {cal['nll_after']:.4f} after",
-        "- reliability diagram: reliability.png; sample predictions (mistakes first): samples.png",
+        "",
+        "![reliability diagram](reliability.png)",
+        "",
+        "Sample predictions, mistakes first:",
+        "",
+        "![sample predictions](samples.png)",
     ]
     return lines
 
