@@ -46,5 +46,6 @@ def test_torchrun_two_ranks_end_identical_and_rank0_writes(tmp_path: Path) -> No
     loaded = load_checkpoint(out / "model.safetensors")
     assert loaded.meta.training["world_size"] == 2
     assert loaded.meta.training["val_images"] == 24
+    assert loaded.meta.calibration["images"] == 24  # rank 0 calibrates on the whole split, not its shard
     assert "2 processes" in proc.stdout
     assert not list(out.glob("*.tmp"))
