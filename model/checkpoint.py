@@ -39,6 +39,8 @@ class CheckpointMeta:
     preprocess: dict[str, Any]
     arch_config: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)  # data set, epochs, best metrics, date, torch
+    # temperature scaling fitted on the validation split (docs/calibration.md); empty: raw softmax
+    calibration: dict[str, Any] = field(default_factory=dict)
     name: str = ""  # human name shown by the service; defaults to the file stem
     version: str = "1"
     weights_sha256: str = ""  # filled in by save_checkpoint

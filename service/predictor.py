@@ -98,6 +98,7 @@ class Predictor:
         compile: str = "off",
         max_batch_size: int = 1,
         fold_bn: bool = True,
+        calibration: bool = True,
     ) -> None:
         self.meta = loaded.meta
         self.preprocess = loaded.preprocess
@@ -107,6 +108,7 @@ class Predictor:
         self.version = loaded.meta.version
         self.sha256 = file_sha256(loaded.path)
         self.ref = {"name": self.name, "version": self.version, "sha256": self.sha256}
+        self.temperature = _temperature(loaded, calibration)  # None: raw softmax
         self.device = device
         self.precision = precision
         self.dtype = DTYPES[precision]
@@ -177,9 +179,11 @@ class Predictor:
                 x = self.preprocess.normalize(batch, self.dtype)  # (B, C, H, W) on the device
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            logits = self.model(x)
+            logits = self.model(x).float()
+            if self.temperature is not None:  # temperature scaling: same ranking, honest confidence
+                logits = logits / self.temperature
             # .cpu() synchronises with the device, so the pinned buffer is free again afterwards.
-            return logits.float().softmax(dim=-1).cpu()
+            return logits.softmax(dim=-1).cpu()
 
     def _prenormalised(self, images: list[torch.Tensor]) -> torch.Tensor:
         """A batch holding client-preprocessed float tensors: normalise only the uint8 ones (rare path,
@@ -271,4 +275,28 @@ class Predictor:
             "channels_last": self.channels_last,
             "compile": self.compile,
             "batchnorm_folded": self.folded_bn,
+            "calibration": self.calibration_info(),
         }
+
+    def calibration_info(self) -> dict[str, Any]:
+        """What /v1/model says about calibration: whether a temperature is applied, and the stored
+        record (fitted temperature, ECE before/after, reliability bins; docs/calibration.md)."""
+        stored = self.meta.calibration
+        if self.temperature is not None:
+            reason = "the checkpoint's temperature divides the logits before the softmax"
+        elif stored.get("temperature"):
+            reason = "disabled by --no-calibration: raw softmax"
+        else:
+            reason = "the checkpoint has no temperature: raw softmax"
+        return {**stored, "applied": self.temperature is not None, "temperature": stored.get("temperature"),
+                "reason": reason}
+
+
+def _temperature(loaded: Loaded, calibration: bool) -> float | None:
+    """The temperature to divide logits by, or None (not asked for, or not in the checkpoint)."""
+    stored = loaded.meta.calibration.get("temperature")
+    if not calibration or stored is None:
+        return None
+    if isinstance(stored, bool) or not isinstance(stored, int | float) or not 0 < stored < float("inf"):
+        raise CheckpointError(f"{loaded.path}: calibration temperature {stored!r} is not a positive number")
+    return float(stored)

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         description="fold batch-norm into the preceding convolutions at load (checked against the "
         "unfolded model on a probe batch; --no-fold-batchnorm keeps the model as trained)",
     )
+    calibration: bool = Field(
+        True,
+        description="apply the checkpoint's fitted temperature to the logits before the softmax "
+        "(docs/calibration.md); --no-calibration serves the raw softmax",
+    )
     max_batch_size: int = Field(16, ge=1, le=1024, description="largest batch the model runs")
     max_batch_wait_ms: float = Field(
         2.0, ge=0, le=10_000, description="how long a batch already forming may wait to fill up"

@@ -54,6 +54,7 @@ def build_predictor(
         compile=settings.compile,
         max_batch_size=settings.max_batch_size,
         fold_bn=settings.fold_batchnorm,
+        calibration=settings.calibration,
     )
     log.info(
         "loaded %s (%s, %d classes, sha256 %s) from %s on %s/%s",

@@ -162,3 +162,24 @@ def evaluate(
         pairs = (y * num_classes + logits.argmax(1)).cpu()
         confusion += torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
     return EvalResult(confusion, loss_sum, top5, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    *,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (logits (N, K) float32, targets (N,) int64), on the CPU, in the loader's order: what
+    calibration and sample predictions are computed from (one pass, no softmax applied)."""
+    model.eval()
+    all_logits, all_targets = [], []
+    for x, y in loader:
+        with _autocast(device, amp):
+            logits = model(_to(x, device, channels_last))  # (B, K)
+        all_logits.append(logits.float().cpu())
+        all_targets.append(y.cpu())
+    return torch.cat(all_logits), torch.cat(all_targets)

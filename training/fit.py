@@ -1,7 +1,9 @@
 """`train`: build data and model from a TrainConfig, run the epochs, write checkpoints and reports.
 
 Writes to cfg.out: model.safetensors (best validation accuracy), last.safetensors, train_state.pt
-(resume), history.csv, loss.png, accuracy.png, confusion_matrix.png, report.json, report.md.
+(resume), history.csv, loss.png, accuracy.png, confusion_matrix.png, reliability.png, samples.png,
+report.json, report.md. model.safetensors carries the per-epoch history and, after the last epoch, a
+temperature fitted on the validation split (training/finalize.py).
 Under torchrun every rank trains on its shard of the data; only rank 0 writes.
 """
 
@@ -22,11 +24,11 @@ from torch.utils.data import DistributedSampler
 from model.architectures import freeze_backbone
 from model.checkpoint import weights_sha256
 from model.registry import build_model, load_init_weights
-from training import build, distributed, reports
+from training import build, distributed, finalize, reports
 from training.config import ConfigError, TrainConfig
 from training.data import DataBundle, DataSpec, load_data, resolve_augment, split_changed
 from training.engine import EpochStats, EvalResult, evaluate, train_one_epoch
-from training.runs import checkpoint_meta, save_serving, save_state
+from training.runs import checkpoint_meta, history_meta, save_serving, save_state
 from training.schedule import LRSchedule
 
 log = logging.getLogger(__name__)
@@ -178,7 +180,8 @@ def _train(
             _log_epoch(epoch, cfg.epochs, stats, result, lr, improved)
             summary = {"epochs": epoch, "best_epoch": progress.best["epoch"],
                        "best_val": {"top1": progress.best["acc"], "top5": progress.best["top5"],
-                                    "loss": progress.best["loss"]}}
+                                    "loss": progress.best["loss"]},
+                       "history": history_meta(progress.history, len(labels))}
             last = {"top1": result.accuracy, "top5": result.top5, "loss": result.loss}
             last_summary = {**summary, "checkpoint": "last", "val": last}
             save_serving(out / "last.safetensors", model, meta_base, last_summary)
@@ -203,10 +206,12 @@ def _train(
     if info.is_main:
         extra = {"checkpoint": str(out / "model.safetensors"), "arch": cfg.arch, "data": str(spec),
                  "split": "validation", "epoch": progress.best["epoch"], "skipped_files": len(data.skipped)}
+        extra["calibration"] = finalize.finish(out, data, device, progress.history, amp=amp,
+                                               batch_size=cfg.batch_size * 2, channels_last=cfg.channels_last)
         report = reports.write_all(out, progress.best_eval(), labels, extra, progress.history)
         log.info("best val accuracy %.4f (top-%d %.4f) at epoch %d; wrote %s: model.safetensors, "
                  "last.safetensors, train_state.pt, history.csv, loss.png, accuracy.png, "
-                 "confusion_matrix.png, report.json, report.md",
+                 "confusion_matrix.png, reliability.png, samples.png, report.json, report.md",
                  report["top1"], min(5, len(labels)), report["top5"], progress.best["epoch"], out)
     return FitResult(out, progress.best["acc"], progress.best["epoch"], epoch, model)
 

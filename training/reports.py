@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: never needs a display, safe on servers and in CI
 import matplotlib.pyplot as plt
+import numpy as np
 
 from training.engine import EvalResult
 
@@ -128,7 +130,94 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         lines.append("|---" * (len(report["labels"]) + 1) + "|")
         for label, row in zip(report["labels"], report["confusion_matrix"], strict=True):
             lines.append(f"| **{label}** | " + " | ".join(str(v) for v in row) + " |")
+    lines += _calibration_lines(report.get("calibration"))
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _calibration_lines(cal: dict[str, Any] | None) -> list[str]:
+    if not cal:
+        return []
+    lines = [
+        "",
+        "## Calibration (temperature scaling, fitted on the validation split)",
+        "",
+        f"- temperature T = {cal['temperature']:.4g} (the service serves softmax(logits / T))"
+        + (f" ({cal['note']})" if cal.get("note") else ""),
+        f"- expected calibration error ({cal['bins']} bins): {cal['ece_before']:.4f} before, "
+        f"**{cal['ece_after']:.4f}** after",
+        f"- negative log-likelihood: {cal['nll_before']:.4f} before, {cal['nll_after']:.4f} after",
+        "",
+        "![reliability diagram](reliability.png)",
+        "",
+        "Sample predictions, mistakes first:",
+        "",
+        "![sample predictions](samples.png)",
+    ]
+    return lines
+
+
+def plot_reliability(path: Path, cal: dict[str, Any]) -> None:
+    """Accuracy against confidence per bin, before and after scaling; a calibrated model's bars
+    reach the diagonal."""
+    bins = int(cal["bins"])
+    edges = np.linspace(0, 1, bins + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), dpi=100, sharey=True)
+    for ax, key, title in (
+        (axes[0], "before", f"before (T = 1): ECE {cal['ece_before']:.4f}"),
+        (axes[1], "after", f"after (T = {cal['temperature']:.3g}): ECE {cal['ece_after']:.4f}"),
+    ):
+        rel = cal["reliability"][key]
+        acc = [a if a is not None else 0.0 for a in rel["accuracy"]]
+        ax.bar(edges[:-1], acc, width=1 / bins, align="edge", edgecolor="black", alpha=0.75, label="accuracy")
+        shown = [i for i, k in enumerate(rel["count"]) if k]  # empty bins have no point
+        ax.scatter([rel["confidence"][i] for i in shown], [acc[i] for i in shown], s=12, color="black",
+                   zorder=3, label="(mean confidence, accuracy)")
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-1 probability)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"reliability on {cal['images']} validation images")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def sample_order(predicted: Sequence[int], targets: Sequence[int], confidence: Sequence[float]) -> list[int]:
+    """Indices in the order samples.png shows them: mistakes first, the most confident first (a confident
+    mistake is a label bug or a real confusion), then correct ones, the least confident first (the
+    borderline cases). Ties keep the data set's order."""
+    idx = range(len(targets))
+    wrong = sorted((i for i in idx if predicted[i] != targets[i]), key=lambda i: (-confidence[i], i))
+    right = sorted((i for i in idx if predicted[i] == targets[i]), key=lambda i: (confidence[i], i))
+    return wrong + right
+
+
+def plot_samples(
+    path: Path, images: Sequence[np.ndarray], truths: Sequence[str], preds: Sequence[str],
+    probs: Sequence[float], cols: int = 8,
+) -> None:
+    """A grid of (H, W, C) images in [0, 1] titled true / predicted + probability; mistakes in red."""
+    n = len(images)
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), dpi=100, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        image = images[i]
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        wrong = truths[i] != preds[i]
+        ax.set_title(f"true {truths[i]}\npred {preds[i]} {probs[i]:.0%}", fontsize=7,
+                     color="#c00000" if wrong else "#006000")
+    fig.suptitle("validation samples: mistakes first (red), then the least confident correct ones",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def write_all(

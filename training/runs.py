@@ -71,6 +71,18 @@ def checkpoint_meta(
     )
 
 
+def history_meta(history: list[dict[str, Any]], num_classes: int) -> list[dict[str, Any]]:
+    """The per-epoch rows stored in the checkpoint (CheckpointMeta.training["history"]) for the model
+    card's curves: a few numbers per epoch, 5 significant digits, so the header stays small.
+    val_top5 is null below 5 classes, where it is always 1 and says nothing."""
+    def num(v: Any) -> float:
+        return float(f"{float(v):.5g}")
+
+    return [{"epoch": int(r["epoch"]), "train_loss": num(r["train_loss"]), "val_loss": num(r["val_loss"]),
+             "val_top1": num(r["val_acc"]), "val_top5": num(r["val_top5"]) if num_classes >= 5 else None,
+             "lr": num(r["lr"])} for r in history]
+
+
 def save_serving(
     path: Path, model: nn.Module, base: CheckpointMeta, summary: dict[str, Any]
 ) -> CheckpointMeta:

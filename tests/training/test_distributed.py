@@ -54,6 +54,7 @@ def test_torchrun_two_ranks_end_identical_and_rank0_writes(tmp_path: Path) -> No
     report = json.loads((out / "report.json").read_text())
     assert report["samples"] == 24
     assert sum(map(sum, report["confusion_matrix"])) == 24
+    assert loaded.meta.calibration["images"] == 24  # rank 0 calibrates on the whole split, not its shard
     assert "2 processes" in proc.stdout
     assert not list(out.glob("*.tmp"))
     # random ops differ between ranks (seed + rank) while the sampler and the weights stay in step,

@@ -27,6 +27,8 @@ OUTPUTS = (
     "loss.png",
     "accuracy.png",
     "confusion_matrix.png",
+    "reliability.png",
+    "samples.png",
     "report.json",
     "report.md",
 )
@@ -41,7 +43,7 @@ def shapes_run(tmp_path_factory: pytest.TempPathFactory) -> fit.FitResult:
 def test_a_short_run_writes_every_output(shapes_run: fit.FitResult) -> None:
     out = shapes_run.out
     assert [name for name in OUTPUTS if not (out / name).is_file()] == []
-    for png in ("loss.png", "accuracy.png", "confusion_matrix.png"):
+    for png in ("loss.png", "accuracy.png", "confusion_matrix.png", "reliability.png", "samples.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -121,7 +123,10 @@ def test_resume_into_another_out_folder_carries_the_best_model(tmp_path: Path) -
     resumed = fit.train(tiny_config(tmp_path, epochs=2, out=str(tmp_path / "second"), resume=resume), state)
     assert resumed.epochs_run == 2 and resumed.best_epoch == 1
     best = tmp_path / "second" / "model.safetensors"
-    assert best.read_bytes() == (tmp_path / "first" / "model.safetensors").read_bytes()
+    # the same weights (re-saved with this run's calibration record and full history)
+    first = read_meta(tmp_path / "first" / "model.safetensors")
+    assert read_meta(best).weights_sha256 == first.weights_sha256
+    assert read_meta(best).calibration["temperature"] == first.calibration["temperature"]
     report = json.loads((tmp_path / "second" / "report.json").read_text())
     assert report["checkpoint"] == str(best) and report["epoch"] == 1
     assert read_meta(best).training["best_epoch"] == 1
