@@ -37,6 +37,7 @@ from service.errors import ERROR_CODES
 from service.http_errors import REJECTION_REASONS
 from service.http_server import HTTP_LAYER_REASONS, LAYER, HttpLimits
 from service.logs import configure_logging
+from service.memory import release_free_memory
 from service.metrics import Metrics
 from service.middleware import InFlight, RequestContextMiddleware
 from service.predictor import WarmupStopped
@@ -152,6 +153,8 @@ async def _warm_up_then_ready(state: ServiceState, stop_server: Callable[[], Non
             warm_up, predictor, settings.warmup_sizes(), settings.lone_threads, state.stopping
         )
         await _warm_decode(state)
+        # Load, folding and warm-up freed hundreds of MiB that glibc would keep mapped (idle RSS).
+        await asyncio.to_thread(release_free_memory)
         if state.draining:  # SIGTERM arrived during the decode warm-up
             return
         state.batcher.start()

@@ -106,7 +106,7 @@ class Predictor:
         self.labels = list(loaded.meta.labels)
         self.name = loaded.meta.name or loaded.path.stem
         self.version = loaded.meta.version
-        self.sha256 = file_sha256(loaded.path)
+        self.sha256 = loaded.sha256 or file_sha256(loaded.path)  # load_checkpoint hashed what it read
         self.ref = {"name": self.name, "version": self.version, "sha256": self.sha256}
         self.temperature = _temperature(loaded, calibration)  # None: raw softmax
         self.device = device

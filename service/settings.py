@@ -68,8 +68,9 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="torch intra-op threads; 0 = auto: warm-up times the model on cores-1 (leaving a "
-        "core to decoding) and on every core, and takes every core for batches only below 0.75x the "
-        "time, for a lone request below 0.9x (GET /v1/model shows the choice)",
+        "core to decoding) and on every core; a lone request takes every core whenever that measured "
+        "faster (below 0.97x: timing noise), batches only below 0.75x, since they run while the decode "
+        "threads are busy (service/threads.py; GET /v1/model shows the choice)",
     )
     warmup: Literal["all", "pow2", "max"] = Field(
         "pow2", description="batch sizes warmed up before ready: every size, powers of two, or max only"

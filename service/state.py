@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ import torch
 from starlette.requests import Request
 
 from model.checkpoint import CheckpointError
+from service import threads
 from service.batching import DynamicBatcher
 from service.device_health import device_failure
 from service.metrics import Metrics
@@ -93,54 +93,19 @@ def warm_at(
 def warm_up(
     predictor: Predictor, sizes: list[int], all_threads: int, stop: threading.Event | None = None
 ) -> tuple[int, int]:
-    """Warm every batch size with the batch thread count and with `all_threads` (oneDNN builds its
-    kernels per thread count). Run it on the thread that will run the model; `stop` ends it early
-    (WarmupStopped) between two batch sizes.
-
-    Returns (threads for a batch, threads for a lone image), chosen by timing both counts here,
-    because neither is right for every model on every machine (docs/benchmarks.md): on 2 cores
-    resnet18's batch of 16 took 0.55x as long on 2 threads as on 1, while mobilenet_v3_small's took
-    0.99x and the default convnet's lone image 1.9x as long. A batch on every core takes a core from
-    the decode threads, so it must be clearly faster (below 0.75x); a lone image only has to win
-    (below 0.9x), since the decoders are idle then."""
+    """Warm every batch size and choose the torch threads for a batch and for a lone image by timing
+    them (service.threads). Run it on the thread that will run the model (oneDNN kernels, handles
+    and allocator state are per thread); `stop` ends it early (WarmupStopped) between two sizes."""
     few = torch.get_num_threads()
-    if predictor.device.type == "cuda":  # the GPU does the math: no CPU thread timing (see above)
+    if predictor.device.type == "cuda":  # the GPU does the math: no CPU thread timing
         n = min(few, CUDA_TORCH_THREADS)
         took = warm_at(predictor, sizes, (n,), stop)
         log.info("warm-up of %d batch size(s) on %s took %.2fs; %d torch thread(s), the other cores "
                  "decode", len(sizes), predictor.device, took, n)
         return n, n
-    took = warm_at(predictor, sizes, (few, all_threads), stop)
-    if all_threads == few:  # pinned with --torch-threads, or a single core
-        log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
-        return few, few
-    top = max(sizes)
-    torch.set_num_threads(all_threads)
-    try:
-        wide_one, wide_top = _time_batch(predictor, 1), _time_batch(predictor, top)
-    finally:
-        torch.set_num_threads(few)
-    narrow_one, narrow_top = _time_batch(predictor, 1), _time_batch(predictor, top)
-    batch = all_threads if wide_top < 0.75 * narrow_top else few
-    lone = all_threads if wide_one < 0.9 * narrow_one else few
-    log.info(
-        "batch of %d: %.1f ms on %d thread(s), %.1f ms on %d -> %d; lone image: %.2f ms vs %.2f ms -> %d",
-        top, wide_top * 1e3, all_threads, narrow_top * 1e3, few, batch,
-        wide_one * 1e3, narrow_one * 1e3, lone,
-    )
+    batch, lone, took = threads.choose(predictor, sizes, all_threads, stop)
     log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
     return batch, lone
-
-
-def _time_batch(predictor: Predictor, n: int, repeats: int = 3) -> float:
-    """Median seconds for a blank batch of n through the (already warmed) model. Uses run_blank, not
-    warmup: warmup would also reset the trace/compile batch buckets to [n]."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        predictor.run_blank(n)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 class ServiceState:

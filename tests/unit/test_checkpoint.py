@@ -14,6 +14,7 @@ from model.checkpoint import (
     META_KEY,
     CheckpointError,
     CheckpointMeta,
+    content_sha256,
     load_checkpoint,
     read_meta,
     save_checkpoint,
@@ -54,7 +55,9 @@ def test_round_trip_is_bit_identical(saved) -> None:
         assert name == name2 and torch.equal(a, b)
     expected = _meta()
     expected.weights_sha256 = loaded.meta.weights_sha256
+    expected.content_sha256 = loaded.meta.content_sha256
     assert loaded.meta == expected
+    assert loaded.meta.format_version == 2 and len(loaded.meta.content_sha256) == 64
     assert len(loaded.meta.weights_sha256) == 64
     assert loaded.meta.input_shape == (3, 32, 32)
     assert not loaded.model.training
@@ -67,7 +70,7 @@ def test_metadata_is_plain_json_in_the_header(saved) -> None:
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
     meta = json.loads(header["__metadata__"][META_KEY])
-    assert meta["labels"] == LABELS and meta["num_classes"] == 3 and meta["format_version"] == 1
+    assert meta["labels"] == LABELS and meta["num_classes"] == 3 and meta["format_version"] == 2
     assert meta["input_shape"] == [3, 32, 32]
 
 
@@ -89,13 +92,18 @@ def test_corrupt_weights_fail_the_digest(saved) -> None:
         load_checkpoint(path)
 
 
-def _rewrite_meta(path: Path, model: torch.nn.Module, **changes) -> None:
-    """Write a file whose metadata is changed after hashing, as a foreign tool might."""
+def _rewrite_meta(path: Path, model: torch.nn.Module, resign: bool = True, **changes) -> None:
+    """Write a file whose metadata is changed after hashing, as a foreign tool might. resign=True
+    recomputes content_sha256 over the edited metadata (a tool that knows the format: the checks
+    after the digest are what is tested); resign=False is a hand edit of the header."""
     from safetensors.torch import save_file
 
     meta = json.loads(read_meta(path).to_json())
     meta.update(changes)
     meta = {k: v for k, v in meta.items() if not (k in changes and v is None)}  # a change to None drops it
+    if resign and "content_sha256" not in changes:
+        known = {k: v for k, v in meta.items() if k in CheckpointMeta.__dataclass_fields__}
+        meta["content_sha256"] = content_sha256(CheckpointMeta(**known))
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()},
         str(path),
@@ -112,6 +120,79 @@ def test_checkpoint_without_a_digest_is_refused(saved, digest: str | None) -> No
         load_checkpoint(path)
     # the explicit opt-out still loads it, for inspecting a hand-made file
     loaded = load_checkpoint(path, verify=False)
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"labels": ["square", "circle", "triangle"]},  # two classes swapped: every answer mislabelled
+        {"preprocess": Preprocess(size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)).to_dict()},
+        {"name": "someone-else", "training": {"dataset": "other"}},
+    ],
+)
+def test_edited_metadata_of_a_v2_file_is_refused(saved, edit: dict) -> None:
+    """Before format_version 2 the digest covered the weights only: swapped labels or a changed
+    mean/std loaded silently and served wrong answers."""
+    path, model = saved
+    _rewrite_meta(path, model, resign=False, **edit)
+    with pytest.raises(CheckpointError, match=r"metadata \(labels, preprocessing, ...\) does not match"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, verify=False).meta.labels == edit.get("labels", LABELS)
+
+
+def test_v2_file_without_a_content_digest_is_refused(saved) -> None:
+    path, model = saved
+    _rewrite_meta(path, model, content_sha256=None)
+    with pytest.raises(CheckpointError, match="has no content_sha256"):
+        load_checkpoint(path)
+
+
+def test_version_1_file_still_loads(saved) -> None:
+    """A file written before format_version 2 (no content_sha256) loads with the weights-only check;
+    its corrupt weights are still refused."""
+    path, model = saved
+    _rewrite_meta(path, model, format_version=1, content_sha256=None)
+    loaded = load_checkpoint(path)
+    assert loaded.meta.format_version == 1 and loaded.meta.labels == LABELS
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(path)
+
+
+def test_the_file_is_read_once(saved, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One open and one read yield metadata, weights and the file digest: the file is swapped for
+    another checkpoint right after the first open, so any second read (in Python or in safetensors'
+    Rust code) would see other labels, other weights or another digest."""
+    import builtins
+    import hashlib
+    import io
+
+    path, model = saved
+    original = path.read_bytes()
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(1)
+    save_checkpoint(other, build_model("convnet", 3, 3, 32), _meta(labels=["x", "y", "z"]))
+    opens: list[str] = []
+    real_open = builtins.open
+
+    def open_then_swap(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        handle = real_open(file, *args, **kwargs)
+        if str(file) == str(path):
+            opens.append(str(file))
+            if len(opens) == 1:
+                other.replace(path)  # the open handle keeps the original inode
+        return handle
+
+    monkeypatch.setattr(builtins, "open", open_then_swap)
+    monkeypatch.setattr(io, "open", open_then_swap)
+    loaded = load_checkpoint(path)
+    assert opens == [str(path)]
+    assert loaded.meta.labels == LABELS
+    assert loaded.sha256 == hashlib.sha256(original).hexdigest()
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
 
 

@@ -1,0 +1,104 @@
+"""Torch thread counts for a batch and for a lone image, chosen by timing the model at start-up.
+
+Neither count is right for every model on every machine (docs/benchmarks.md): on 2 cores resnet18's
+batch of 16 took 0.55x as long on 2 threads as on 1 (Intel), mobilenet_v3_small's 0.99x, and on an AMD
+EPYC Zen 4 resnet18's lone image 0.91x. So warm-up times both counts and keeps what it measured.
+
+- A lone image (a batch of one with nothing queued) takes every core whenever that is measurably
+  faster (below LONE_MARGIN of the cores-1 time: the margin only absorbs timing noise), because the
+  decode threads are idle then: a core left to them would sit unused. The rule this replaces asked
+  for 0.9x, and so kept a lone request on one thread at 48.8 vs 53.7 ms (0.91x) on the AMD machine.
+- A batch takes every core only when that is clearly faster (below BATCH_MARGIN): batches form when
+  requests queue, that is when the decode threads are busy too, and a batch on every core takes its
+  last core from them; below 0.75x the model's gain outweighs the decode time it displaces on 2 cores
+  (measured: resnet18 at 0.55x gains 1.6x at 16 clients; mobilenet at 0.99x loses when it takes it).
+
+The timing is cheap by construction: every batch size is warmed once at cores-1 (the default), the
+all-cores count is tried on the lone image and on one batch (the largest warmed size up to
+PROBE_MAX, at half the start-up cost of 16; assumed, not yet re-measured on a quiet machine: 8
+images keep every thread of a 2-16 core machine as busy as 16 do), each timed by the fastest of a
+few runs within a small budget (interference only ever adds time), and the remaining sizes are
+warmed at all cores only when batches will use them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+import torch
+
+from service.predictor import WarmupStopped
+
+log = logging.getLogger(__name__)
+LONE_MARGIN = 0.97
+BATCH_MARGIN = 0.75
+PROBE_MAX = 8  # the batch timed for the batch rule: the largest warmed size up to this
+TIMING_BUDGET_S = 0.3  # per (size, threads) pair: repeat a run until this much time is spent, max 3
+
+
+def warm_sizes(predictor: Runnable, sizes: list[int], stop: threading.Event | None) -> None:
+    """Each size once at the current thread count, leaving the trace/compile buckets alone."""
+    for n in sizes:
+        if stop is not None and stop.is_set():
+            raise WarmupStopped("warm-up stopped: the service is shutting down")
+        predictor.run_blank(n)
+
+
+class Runnable(Protocol):
+    def run_blank(self, n: int) -> None: ...
+    def warmup(self, sizes: list[int], stop: threading.Event | None = None) -> float: ...
+
+
+def fastest(predictor: Runnable, n: int, repeats: int = 3, budget_s: float = TIMING_BUDGET_S) -> float:
+    """Fastest of up to `repeats` blank batches of n (at least one) within `budget_s`. Uses run_blank,
+    not warmup: warmup would also reset the trace/compile batch buckets to [n]."""
+    best = float("inf")
+    spent = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.run_blank(n)
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+        if spent >= budget_s:
+            break
+    return best
+
+
+def at_threads(threads: int, fn, *args):  # type: ignore[no-untyped-def]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def choose(
+    predictor: Runnable, sizes: list[int], all_threads: int, stop: threading.Event | None = None
+) -> tuple[int, int, float]:
+    """(threads for a batch, threads for a lone image, seconds spent). Starts on the current (batch
+    default) thread count and leaves torch on it."""
+    few = torch.get_num_threads()
+    start = time.perf_counter()
+    predictor.warmup(sizes, stop)
+    if all_threads == few:  # pinned with --torch-threads, or a single core
+        return few, few, time.perf_counter() - start
+    top = max([n for n in sizes if n <= PROBE_MAX] or [min(sizes)])
+    narrow_one, narrow_top = fastest(predictor, 1), fastest(predictor, top)
+    at_threads(all_threads, warm_sizes, predictor, sorted({1, top}), stop)  # kernels for that count first
+    wide_one = at_threads(all_threads, fastest, predictor, 1)
+    wide_top = at_threads(all_threads, fastest, predictor, top)
+    lone = all_threads if wide_one < LONE_MARGIN * narrow_one else few
+    batch = all_threads if wide_top < BATCH_MARGIN * narrow_top else few
+    rest = [n for n in sizes if n not in (1, top)]
+    if batch == all_threads and rest:
+        at_threads(all_threads, warm_sizes, predictor, rest, stop)
+    log.info(
+        "batch of %d: %.1f ms on %d thread(s), %.1f ms on %d -> %d; lone image: %.2f ms vs %.2f ms -> %d",
+        top, wide_top * 1e3, all_threads, narrow_top * 1e3, few, batch,
+        wide_one * 1e3, narrow_one * 1e3, lone,
+    )
+    return batch, lone, time.perf_counter() - start
