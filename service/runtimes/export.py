@@ -83,13 +83,14 @@ def exported_onnx(
     data = set_metadata(data, loaded.meta, extra)
     errors = []
     for path in candidates:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, path)  # readers (another replica) never see half a file
         except OSError as e:
-            errors.append(f"{path.parent}: {e.strerror}")
+            errors.append(f"{path}: {e.strerror}")
+            tmp.unlink(missing_ok=True)
             continue
         took = time.perf_counter() - start
         log.info("exported %s for %s in %.2fs -> %s", loaded.path.name, runtime, took, path)
