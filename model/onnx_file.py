@@ -158,7 +158,7 @@ def read_onnx_artifact(path: Path) -> OnnxArtifact:
     )
 
 
-def artifact_props(meta: CheckpointMeta, source_sha256: str, precision: str, probe: Any) -> dict[str, str]:
+def artifact_props(source_sha256: str, precision: str, probe: Any) -> dict[str, str]:
     return {
         "convserve.precision": precision,
         "convserve.source_sha256": source_sha256,
