@@ -152,3 +152,21 @@ def test_onnx_backends_refuse_torch_only_precisions(tiny_checkpoint: Path) -> No
         build_runtime("onnxruntime", load_checkpoint(tiny_checkpoint), torch.device("cpu"),
                       sha256="e" * 64, precision="bf16")
 
+
+
+@pytest.mark.skipif("onnxruntime" not in BACKENDS, reason="onnxruntime is not installed")
+def test_reload_goes_through_the_same_export_and_check(tmp_path: Path) -> None:
+    v1 = make_checkpoint(tmp_path / "v1.safetensors", config=BN_CONFIG, version="1")
+    v2 = make_checkpoint(tmp_path / "v2.safetensors", config=BN_CONFIG, version="2", seed=5)
+    with run_server(v1, tmp_path, runtime="onnxruntime", admin_api_key="k") as server:
+        before = server.client.post("/v1/predict", content=TEST_IMAGES[2], params={"probabilities": "all"})
+        r = server.client.post("/v1/model/reload", json={"checkpoint": str(v2)}, headers={"X-API-Key": "k"})
+        assert r.status_code == 200, r.text
+        after = server.client.post("/v1/predict", content=TEST_IMAGES[2], params={"probabilities": "all"})
+        info = server.client.get("/v1/model").json()
+        log = server.log_text()
+    assert info["version"] == "2" and info["runtime"]["name"] == "onnxruntime"
+    assert info["runtime"]["onnx_file"] == str(v2.with_name("v2.safetensors.onnxruntime.onnx"))
+    assert log.count("matches the torch model on the probe batch") == 2
+    assert after.json()["model"]["version"] == "2"
+    assert after.json()["probabilities"] != before.json()["probabilities"]  # the new weights answer
