@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import inputs, report, run, soak
+from bench import backends, inputs, report, run, soak
 
 log = logging.getLogger("bench")
 
@@ -55,7 +55,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--arch", default="mobilenet_v3_small")
     s.add_argument("--image-set", default="photo640", choices=sorted(inputs.SETS))
     s.add_argument("--concurrency", default="16,64", help="comma-separated; alternates per 1000 requests")
-    if not argv or argv[0] not in ("run", "soak", "-h", "--help"):
+    b = sub.add_parser("backends", help="torch/onnxruntime/openvino, fp32/bf16/int8, side by side")
+    _common(b)
+    backends.add_arguments(b)
+    if not argv or argv[0] not in ("run", "soak", "backends", "-h", "--help"):
         argv = ["run", *argv]
     return p.parse_args(argv)
 
@@ -74,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or temp
     ok = False
     try:
+        if args.command == "backends":
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            backends.run(args, workdir, command)
+            log.info("wrote %s", args.out)
+            ok = True
+            return 0
         quick = getattr(args, "quick", False)
         sets = inputs.generate(args.inputs or temp / "inputs", args.seed, quick=quick)
         extra = dict(kv.split("=", 1) for kv in args.env)

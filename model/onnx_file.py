@@ -8,7 +8,9 @@ metadata lives in the ONNX `metadata_props` (string key -> string value), readab
 - `labels` / `preprocess`: the class names and preprocessing again, as plain JSON, for other servers
 - `convserve.precision`: `fp32` or `int8`
 - `convserve.source_sha256`: SHA-256 of the safetensors checkpoint the graph was made from
-- `convserve.probe`: the fp32 torch model's probabilities on `probe_batch` (a start-up self-check)
+- `convserve.probe`: the fp32 torch model's probabilities on a probe batch (a start-up self-check):
+  `probe_batch`'s random images, or for an int8 file a few real calibration images stored in
+  `convserve.probe_images` (int8 may drift far on noise images that no training image resembles)
 - `convserve.cache_key`: only in the service's export cache (what the export depended on)
 
 `onnx` is an optional dependency (`pip install 'convserve[onnx]'`), imported only here, lazily.
@@ -16,14 +18,15 @@ metadata lives in the ONNX `metadata_props` (string key -> string value), readab
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,9 +85,23 @@ def probe_batch(pre: Preprocess, seed: int = 0) -> torch.Tensor:
     return pre.normalize(images)
 
 
-def reference_probs(model: nn.Module, pre: Preprocess) -> torch.Tensor:
+def reference_probs(model: nn.Module, pre: Preprocess, batch: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 torch model's probabilities on `batch` (normalised), by default `probe_batch`."""
     with torch.inference_mode():
-        return model.float().eval()(probe_batch(pre)).float().softmax(dim=-1)
+        x = probe_batch(pre) if batch is None else batch
+        return model.float().eval()(x).float().softmax(dim=-1)
+
+
+def encode_images(images: torch.Tensor) -> str:
+    """(N, C, H, W) uint8 -> JSON text for metadata_props."""
+    raw = images.contiguous().numpy().tobytes()
+    return json.dumps({"shape": list(images.shape), "uint8_base64": base64.b64encode(raw).decode()})
+
+
+def decode_images(text: str) -> torch.Tensor:
+    d = json.loads(text)
+    flat = np.frombuffer(base64.b64decode(d["uint8_base64"]), dtype=np.uint8)
+    return torch.from_numpy(flat.copy()).reshape(d["shape"])
 
 
 @dataclass
@@ -96,12 +113,17 @@ class OnnxArtifact:
     precision: str = "fp32"
     source_sha256: str = ""
     probe: list[list[float]] | None = None
+    probe_images: torch.Tensor | None = None  # (N, C, H, W) uint8; None: probe_batch's
     props: dict[str, str] = field(default_factory=dict)
     model: None = None  # no torch module: the runtime runs the file
 
     @property
     def preprocess(self) -> Preprocess:
         return Preprocess.from_dict(self.meta.preprocess)
+
+    def probe_input(self) -> torch.Tensor:
+        pre = self.preprocess
+        return probe_batch(pre) if self.probe_images is None else pre.normalize(self.probe_images)
 
 
 def set_metadata(data: bytes, meta: CheckpointMeta, extra: dict[str, str]) -> bytes:
@@ -148,19 +170,29 @@ def read_onnx_artifact(path: Path) -> OnnxArtifact:
         )
     meta = CheckpointMeta.from_json(raw)
     probe = json.loads(props["convserve.probe"]) if "convserve.probe" in props else None
+    images = decode_images(props["convserve.probe_images"]) if "convserve.probe_images" in props else None
     return OnnxArtifact(
         meta=meta,
         path=path,
         precision=props.get("convserve.precision", "fp32"),
         source_sha256=props.get("convserve.source_sha256", ""),
         probe=probe,
+        probe_images=images,
         props=props,
     )
 
 
-def artifact_props(source_sha256: str, precision: str, probe: Any) -> dict[str, str]:
-    return {
+def artifact_props(
+    source_sha256: str, precision: str, model: nn.Module, pre: Preprocess, images: torch.Tensor | None = None
+) -> dict[str, str]:
+    """Metadata of a standalone file: precision, source checkpoint and the probe reference, computed
+    by the fp32 `model` on `images` ((N, C, H, W) uint8, stored too) or on `probe_batch`."""
+    batch = None if images is None else pre.normalize(images)
+    props = {
         "convserve.precision": precision,
         "convserve.source_sha256": source_sha256,
-        "convserve.probe": json.dumps(probe),
+        "convserve.probe": json.dumps(reference_probs(model, pre, batch).tolist()),
     }
+    if images is not None:
+        props["convserve.probe_images"] = encode_images(images)
+    return props

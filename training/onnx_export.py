@@ -29,11 +29,12 @@ from model.checkpoint import load_checkpoint
 from model.onnx_file import (
     INPUT_NAME,
     OUTPUT_NAME,
+    PROBE_SIZE,
     artifact_props,
     export_onnx,
-    reference_probs,
     set_metadata,
 )
+from model.preprocess import Preprocess
 from training.config import ConfigError, TrainConfig
 from training.data import DataSpec, Sample, load_data
 
@@ -61,9 +62,8 @@ def export_checkpoint_onnx(checkpoint: Path, out: Path) -> dict[str, Any]:
     loaded = load_checkpoint(checkpoint)
     pre = loaded.preprocess
     data = export_onnx(loaded.model, pre.input_shape)
-    probe = reference_probs(loaded.model, pre).tolist()
     sha = file_sha256(checkpoint)
-    _write(out, set_metadata(data, loaded.meta, artifact_props(sha, "fp32", probe)))
+    _write(out, set_metadata(data, loaded.meta, artifact_props(sha, "fp32", loaded.model, pre)))
     return {
         "wrote": str(out),
         "format": "onnx",
@@ -102,13 +102,51 @@ def _top1(fn: Any, val: Dataset[Sample], mapping: list[int] | None) -> tuple[np.
     return np.concatenate(preds), np.concatenate(targets)
 
 
+def quantize_graph(model: torch.nn.Module, input_shape: tuple[int, int, int], reader: Any) -> bytes:
+    """The fp32 export of `model`, statically quantized to int8 with the batches `reader` yields."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, prepared, int8 = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        fp32.write_bytes(export_onnx(model, input_shape))
+        quant_pre_process(str(fp32), str(prepared))  # shape inference + graph fusions (Conv+BN) first
+        quantize_static(
+            str(prepared), str(int8), reader,
+            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        return int8.read_bytes()
+
+
+class BatchReader:
+    """A CalibrationDataReader over ready (B, C, H, W) float32 batches."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self._batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch.numpy()}
+
+
+def _uint8(images: Any, i: int, pre: Preprocess) -> torch.Tensor:
+    """Training image i as uint8 after the eval geometry (CachedImages keeps it; else re-quantize)."""
+    pixels = getattr(images, "pixels", None)
+    if pixels is not None:
+        return torch.as_tensor(pixels[i])
+    x, _ = images[i]  # a normalised float image (folder data): undo the normalisation
+    mean = torch.tensor(pre.mean).view(-1, 1, 1)
+    std = torch.tensor(pre.std).view(-1, 1, 1)
+    return (x * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
 def run_quantize(
     checkpoint: Path, data: str | None, calibration_images: int, out: Path, seed: int = 0
 ) -> dict[str, Any]:
     """Write an int8 ONNX file and return the fp32 vs int8 validation comparison."""
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if calibration_images < 1:
         raise ConfigError("--calibration-images must be at least 1")
@@ -125,17 +163,7 @@ def run_quantize(
     n = min(calibration_images, len(bundle.train))  # type: ignore[arg-type]
     picked = torch.randperm(len(bundle.train), generator=g)[:n].tolist()  # type: ignore[arg-type]
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32, prepared, int8 = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-        fp32.write_bytes(export_onnx(loaded.model, pre.input_shape))
-        quant_pre_process(str(fp32), str(prepared))  # shape inference + graph fusions (Conv+BN) first
-        quantize_static(
-            str(prepared), str(int8), _Reader(Subset(bundle.train, picked), 32),
-            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
-        graph = int8.read_bytes()
+    graph = quantize_graph(loaded.model, pre.input_shape, _Reader(Subset(bundle.train, picked), 32))
     took = time.perf_counter() - start
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     with torch.inference_mode():
@@ -157,7 +185,9 @@ def run_quantize(
     }
     report["drop_points"] = round(100 * (report["val_top1_fp32"] - report["val_top1_int8"]), 3)
     sha = file_sha256(checkpoint)
-    props = artifact_props(sha, "int8", reference_probs(loaded.model, pre).tolist())
+    # a few real calibration images as the probe: the service checks the int8 graph on them
+    probe_images = torch.stack([_uint8(bundle.train, i, pre) for i in picked[:PROBE_SIZE]])
+    props = artifact_props(sha, "int8", loaded.model, pre, probe_images)
     props["convserve.quantization"] = json.dumps({k: v for k, v in report.items() if k != "wrote"})
     _write(out, set_metadata(graph, meta, props))
     return report

@@ -93,12 +93,12 @@ def build_runtime(
         path, precision = source.path, source.precision
         if source.probe is None:
             raise CheckpointError(f"{path} carries no probe reference (convserve.probe); re-export it")
-        want = tt.tensor(source.probe)
+        want, probe = tt.tensor(source.probe), source.probe_input()
         tolerance = INT8_TOLERANCE if precision == "int8" else FP32_TOLERANCE
     else:
         version = _version(runtime)
         path = exported_onnx(source, sha256, runtime, version, fold_bn, cache_dir)
-        want, tolerance = reference_probs(source.model, pre), FP32_TOLERANCE
+        want, tolerance, probe = reference_probs(source.model, pre), FP32_TOLERANCE, probe_batch(pre)
     rt: Runtime
     if runtime == "onnxruntime":
         from service.runtimes.onnxruntime import OnnxRuntime
@@ -109,7 +109,7 @@ def build_runtime(
 
         rt = OpenVinoRuntime(path, precision)
     with tt.inference_mode():
-        worst = check_probe(rt, probe_batch(pre), want, tolerance, labels, str(source.path))
+        worst = check_probe(rt, probe, want, tolerance, labels, str(source.path))
     log.info("%s %s (%s) matches the torch model on the probe batch: max prob. diff %.2g (tolerance %g)",
              rt.name, rt.version, rt.precision, worst, tolerance)
     return rt

@@ -64,6 +64,8 @@ def test_int8_round_trip_quantize_serve_predict(trained: Path, tmp_path: Path) -
     assert 0.0 <= report["val_top1_int8"] <= 1.0 and 0.0 <= report["agreement_with_fp32"] <= 1.0
     artifact = read_onnx_artifact(out)
     assert artifact.precision == "int8" and artifact.source_sha256 == file_sha256(trained)
+    # real calibration images travel as the probe the service checks the int8 graph on
+    assert artifact.probe_images is not None and artifact.probe_images.dtype == torch.uint8
     assert artifact.meta.labels == load_checkpoint(trained).meta.labels
     props = read_props(out)
     assert "QuantizeLinear" in out.read_bytes().decode("latin-1")  # a QDQ graph, not the fp32 one
