@@ -22,10 +22,11 @@ EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}
 # Both ONNX backends matched torch to ~1e-6 in the logits on our convnets, resnet18 and
 # mobilenet_v3_small (fp32, measured here); 1e-4 is FOLD_TOLERANCE, the bar batch-norm folding meets.
 FP32_TOLERANCE = 1e-4
-# int8 is not meant to match exactly: the check then guards against a broken graph (wrong layout,
-# wrong scales), not against rounding. Measured on random probe images: max differences of 0.01-0.06
-# for the trained default/digits models (see docs/runtimes.md).
-INT8_TOLERANCE = 0.25
+# int8 is not meant to match exactly: the check guards against a broken graph (wrong layout, wrong
+# scales), not against rounding. An int8 file's probe is a few of its real calibration images: the
+# trained default and digits models differ from fp32 there by at most 5e-4 (both backends, measured);
+# on random-noise images, which no calibration range covered, the same files drifted up to 0.24.
+INT8_TOLERANCE = 0.05
 
 
 class RuntimeUnavailable(ValueError):
