@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import inputs, protocols, report, run, soak
+from bench import backends, inputs, protocols, report, run, soak
 from model.device import resolve_device
 
 log = logging.getLogger("bench")
@@ -65,7 +65,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     v.add_argument("--concurrency", default="1,16", help="comma-separated")
     v.add_argument("--requests", type=int, default=400, help="requests per protocol, concurrency and round")
     v.add_argument("--rounds", type=int, default=3)
-    if not argv or argv[0] not in ("run", "soak", "protocols", "-h", "--help"):
+    b = sub.add_parser("backends", help="torch/onnxruntime/openvino, fp32/bf16/int8, side by side")
+    _common(b)
+    backends.add_arguments(b)
+    if not argv or argv[0] not in ("run", "soak", "backends", "protocols", "-h", "--help"):
         argv = ["run", *argv]
     return p.parse_args(argv)
 
@@ -84,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or temp
     ok = False
     try:
+        if args.command == "backends":
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            backends.run(args, workdir, command)
+            log.info("wrote %s", args.out)
+            ok = True
+            return 0
         quick = getattr(args, "quick", False) or args.command == "protocols"  # few images suffice
         sets = inputs.generate(args.inputs or temp / "inputs", args.seed, quick=quick)
         extra = dict(kv.split("=", 1) for kv in args.env)

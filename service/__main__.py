@@ -64,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn  # after argument parsing: --help stays fast
 
-    from model.checkpoint import CheckpointError, read_meta
+    from model.checkpoint import CheckpointError
     from service.app import create_app
     from service.http_server import ConvserveHttpProtocol, DrainingServer
+    from service.runtimes import RuntimeUnavailable, preflight
 
     try:  # the header only: a wrong file fails here in a line, not in a start-up traceback
-        read_meta(settings.checkpoint)
+        preflight(settings.checkpoint, settings.runtime)
+    except RuntimeUnavailable as e:
+        print(f"convserve-serve: {e}", file=sys.stderr)
+        return 2
     except CheckpointError as e:
         print(f"convserve-serve: cannot serve --checkpoint: {e}", file=sys.stderr)
         return 2

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import CheckpointError, Loaded, load_checkpoint
-from service.optimize import allow_graphs, bucket, fold_batchnorm, optimise
+from model.checkpoint import CheckpointError, Loaded
+from model.onnx_file import OnnxArtifact
+from service.optimize import allow_graphs, bucket
+from service.runtimes import build_runtime, load_source
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,9 +92,11 @@ def file_sha256(path: Path) -> str:
 class Predictor:
     def __init__(
         self,
-        loaded: Loaded,
+        loaded: Loaded | OnnxArtifact,
         device: torch.device,
         *,
+        runtime: str = "torch",
+        export_cache_dir: Path | None = None,
         precision: str = "fp32",
         channels_last: str = "auto",
         compile: str = "off",
@@ -106,30 +110,29 @@ class Predictor:
         self.labels = list(loaded.meta.labels)
         self.name = loaded.meta.name or loaded.path.stem
         self.version = loaded.meta.version
-        self.sha256 = loaded.sha256 or file_sha256(loaded.path)  # load_checkpoint hashed what it read
+        # load_checkpoint hashed the bytes it read; an .onnx artifact is hashed here
+        self.sha256 = (loaded.sha256 if isinstance(loaded, Loaded) else "") or file_sha256(loaded.path)
         self.ref = {"name": self.name, "version": self.version, "sha256": self.sha256}
         self.temperature = _temperature(loaded, calibration)  # None: raw softmax
         self.device = device
         self.precision = precision
-        self.dtype = DTYPES[precision]
+        self.dtype = DTYPES[precision]  # the ONNX backends accept fp32 only (build_runtime says so)
         if device.type == "cpu" and precision == "fp16":
             log.warning("precision fp16 on the CPU is usually slower than fp32; bf16 is the CPU's half type")
         check_precision(device, precision)
-        # channels_last measured faster for our CNNs on both oneDNN (CPU) and cuDNN (tensor cores).
-        self.channels_last = channels_last != "off"
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         c, h, w = self.preprocess.input_shape
         self.input_shape = (c, h, w)
-        model: torch.nn.Module = loaded.model
-        self.fold_diff: float | None = None
-        if fold_bn:
-            model, self.fold_diff = fold_batchnorm(model, self.input_shape)
-        self.folded_bn = model is not loaded.model
-        model = model.to(device=device, dtype=self.dtype)
-        model = model.to(memory_format=fmt).eval()
-        example = torch.zeros((1, c, h, w), dtype=self.dtype, device=device).contiguous(memory_format=fmt)
-        self.model = optimise(model, compile, example)
-        self.compile = compile
+        # One factory call: torch (eager/trace/compile, as always), onnxruntime or openvino; the ONNX
+        # backends export the checkpoint (or read an .onnx file) and pass a probe check first.
+        self.runtime = build_runtime(
+            runtime, loaded, device, sha256=self.sha256, precision=precision, channels_last=channels_last,
+            compile=compile, fold_bn=fold_bn, cache_dir=export_cache_dir,
+        )
+        self.precision = self.runtime.precision  # int8 for a quantized file
+        self.model = self.runtime.model  # the torch callable; None for the ONNX backends
+        self.folded_bn = self.runtime.folded_bn
+        self.channels_last = getattr(self.runtime, "channels_last", False)
+        self.compile = compile if runtime == "torch" else "off"
         # trace/compile specialise on the batch size: every batch is padded up to a warmed-up size
         # (set by `warmup`), so no graph is ever built on the request path. Eager runs any size.
         self.buckets: list[int] = []
@@ -143,7 +146,7 @@ class Predictor:
 
     @classmethod
     def load(cls, path: Path, device: torch.device, **kwargs: Any) -> Predictor:
-        return cls(load_checkpoint(path), device, **kwargs)
+        return cls(load_source(path), device, **kwargs)
 
     # ---- the hot path (inference thread only) -------------------------------------------------------
     def _to_device(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -177,9 +180,7 @@ class Predictor:
             else:
                 batch = self._to_device(images)
                 x = self.preprocess.normalize(batch, self.dtype)  # (B, C, H, W) on the device
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits = self.model(x).float()
+            logits = self.runtime.run(x).float()  # the runtime applies channels_last where it uses it
             if self.temperature is not None:  # temperature scaling: same ranking, honest confidence
                 logits = logits / self.temperature
             # .cpu() synchronises with the device, so the pinned buffer is free again afterwards.
@@ -272,6 +273,9 @@ class Predictor:
             "training": self.meta.training,
             "device": str(self.device),
             "precision": self.precision,
+            "runtime": {
+                "name": self.runtime.name, "version": self.runtime.version, **self.runtime.describe()
+            },
             "channels_last": self.channels_last,
             "compile": self.compile,
             "batchnorm_folded": self.folded_bn,
@@ -292,7 +296,7 @@ class Predictor:
                 "reason": reason}
 
 
-def _temperature(loaded: Loaded, calibration: bool) -> float | None:
+def _temperature(loaded: Loaded | OnnxArtifact, calibration: bool) -> float | None:
     """The temperature to divide logits by, or None (not asked for, or not in the checkpoint)."""
     stored = loaded.meta.calibration.get("temperature")
     if not calibration or stored is None:

@@ -25,10 +25,23 @@ class SettingsError(ValueError):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
 
-    checkpoint: Path = Field(description="the .safetensors checkpoint to serve")
+    checkpoint: Path = Field(
+        description="the .safetensors checkpoint to serve, or a convserve .onnx file (e.g. an int8 one "
+        "from `python -m training quantize`) for --runtime onnxruntime/openvino"
+    )
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    runtime: Literal["torch", "onnxruntime", "openvino"] = Field(
+        "torch",
+        description="inference backend: torch (eager/trace/compile), onnxruntime or openvino (CPU; the "
+        "checkpoint is exported to ONNX at load, cached beside it, and checked against torch)",
+    )
+    export_cache_dir: Path | None = Field(
+        None,
+        description="where ONNX exports are cached when the checkpoint's folder is read-only "
+        "(default: a folder in the system temp dir)",
+    )
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="inference dtype")
     tf32: bool = Field(
         False,

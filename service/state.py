@@ -49,6 +49,8 @@ def build_predictor(
     predictor = Predictor.load(
         path,
         device,
+        runtime=settings.runtime,
+        export_cache_dir=settings.export_cache_dir,
         precision=settings.precision,
         channels_last=settings.channels_last,
         compile=settings.compile,

@@ -1,4 +1,4 @@
-"""`python -m training [train|evaluate|export|describe] ...` (and the `convserve-train` script).
+"""`python -m training [train|evaluate|export|quantize|describe] ...` (and the `convserve-train` script).
 
 `train` is the default subcommand: `python -m training` trains the default CNN on the built-in shapes.
 A configuration that cannot work is reported as one line on stderr with exit code 2.
@@ -17,7 +17,7 @@ from typing import Any
 from model.checkpoint import CheckpointError
 from training.config import FIELDS, ConfigError, add_train_arguments, build_config
 
-SUBCOMMANDS = ("train", "evaluate", "export", "describe")
+SUBCOMMANDS = ("train", "evaluate", "export", "quantize", "describe")
 EXIT_CONFIG = 2
 
 
@@ -54,7 +54,14 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     ex = sub.add_parser("export", parents=[common], help="write a serving checkpoint without training")
-    ex.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    ex.add_argument("--out", type=Path, required=True, help="the .safetensors (or --format onnx: .onnx) file")
+    ex.add_argument(
+        "--format",
+        choices=["safetensors", "onnx"],
+        help="safetensors: a serving checkpoint; onnx: a standalone ONNX file of --checkpoint, labels and "
+        "preprocessing in its metadata_props (default: from the --out suffix)",
+    )
+    ex.add_argument("--checkpoint", type=Path, help="with --format onnx: the checkpoint to convert")
     ex.add_argument("--num-classes", type=int)
     ex.add_argument("--labels", type=Path, help="class names, one per line (or a JSON list)")
     ex.add_argument("--version", default="1")
@@ -62,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--init-weights", help="local weights to start from (.safetensors, or .pth state dict)")
     ex.add_argument("--name", default="", help="model name shown by the service (default: file stem)")
     ex.add_argument("--seed", type=int, default=0, help="seed for random weights")
+
+    qu = sub.add_parser("quantize", parents=[common], help="int8 ONNX file, static post-training")
+    qu.add_argument("--checkpoint", type=Path, required=True, help="the fp32 .safetensors checkpoint")
+    qu.add_argument("--data", help="calibration and validation data (default: the checkpoint's)")
+    qu.add_argument("--calibration-images", type=int, default=512, help="training images to calibrate on")
+    qu.add_argument("--out", type=Path, help="default: the checkpoint's path with .int8.onnx")
+    qu.add_argument("--seed", type=int, default=0, help="which calibration images are drawn")
 
     de = sub.add_parser("describe", parents=[common], help="per-layer shapes, parameters, receptive fields")
     _model_arguments(de)
@@ -112,6 +126,19 @@ def _run(args: argparse.Namespace) -> int:
             )
         if args.out:
             print(f"wrote {args.out}/report.json, report.md, confusion_matrix.png")
+        return 0
+    if args.command == "export" and (args.format or ("onnx" if args.out.suffix == ".onnx" else "")) == "onnx":
+        from training.onnx_export import export_checkpoint_onnx
+
+        if args.checkpoint is None:
+            raise ConfigError("export --format onnx converts a checkpoint: pass --checkpoint FILE")
+        print(json.dumps(export_checkpoint_onnx(args.checkpoint, args.out)))
+        return 0
+    if args.command == "quantize":
+        from training.onnx_export import run_quantize
+
+        out = args.out or args.checkpoint.with_suffix(".int8.onnx")
+        print(json.dumps(run_quantize(args.checkpoint, args.data, args.calibration_images, out, args.seed)))
         return 0
     if args.command == "export":
         from training.commands import run_export

@@ -1,0 +1,99 @@
+"""The exported graph for an ONNX backend, derived from the checkpoint and cached beside it.
+
+The cache is never a second source of truth: each file records what it was made from
+(`convserve.cache_key`: the checkpoint's SHA-256, the runtime and its version, torch, the opset, batch-norm
+folding) and is re-exported whenever any of that differs. It lives beside the checkpoint
+(`model.safetensors.onnxruntime.onnx`) so that a replica's volume carries it; a read-only
+checkpoint folder falls back to --export-cache-dir, else a folder in the system temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import CheckpointError, Loaded
+from model.onnx_file import OPSET, export_onnx, read_props, reference_probs, set_metadata
+from service.optimize import fold_batchnorm
+
+log = logging.getLogger(__name__)
+KEY_PROP = "convserve.cache_key"
+CACHE_FORMAT = 1
+
+
+def cache_key(sha256: str, runtime: str, version: str, fold_bn: bool) -> str:
+    return json.dumps(
+        {
+            "format": CACHE_FORMAT,
+            "source_sha256": sha256,
+            "runtime": runtime,
+            "runtime_version": version,
+            "torch": torch.__version__,
+            "opset": OPSET,
+            "fold_batchnorm": fold_bn,
+        },
+        sort_keys=True,
+    )
+
+
+def cache_paths(checkpoint: Path, sha256: str, runtime: str, cache_dir: Path | None) -> list[Path]:
+    """Where to look, in order: beside the checkpoint, then the fallback folder."""
+    fallback = cache_dir or Path(tempfile.gettempdir()) / "convserve-export-cache"
+    return [
+        checkpoint.with_name(f"{checkpoint.name}.{runtime}.onnx"),
+        fallback / f"{checkpoint.stem}-{sha256[:16]}.{runtime}.onnx",
+    ]
+
+
+def _matches(path: Path, key: str) -> bool:
+    try:
+        return path.is_file() and read_props(path).get(KEY_PROP) == key
+    except CheckpointError:  # a damaged cache file is rebuilt, not fatal
+        return False
+
+
+def exported_onnx(
+    loaded: Loaded, sha256: str, runtime: str, version: str, fold_bn: bool, cache_dir: Path | None
+) -> Path:
+    """The path of an ONNX file for `loaded`, exported now unless a matching cache entry exists."""
+    key = cache_key(sha256, runtime, version, fold_bn)
+    candidates = cache_paths(loaded.path, sha256, runtime, cache_dir)
+    for path in candidates:
+        if _matches(path, key):
+            log.info("export cache hit: %s", path)
+            return path
+    start = time.perf_counter()
+    model = loaded.model
+    if fold_bn:  # the same folding (and its probe check) as the torch runtime
+        model, _ = fold_batchnorm(model, loaded.preprocess.input_shape)
+    data = export_onnx(model, loaded.preprocess.input_shape)
+    probe = reference_probs(loaded.model, loaded.preprocess).tolist()
+    extra = {
+        KEY_PROP: key,
+        "convserve.precision": "fp32",
+        "convserve.source_sha256": sha256,
+        "convserve.probe": json.dumps(probe),
+    }
+    data = set_metadata(data, loaded.meta, extra)
+    errors = []
+    for path in candidates:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # readers (another replica) never see half a file
+        except OSError as e:
+            errors.append(f"{path}: {e.strerror}")
+            tmp.unlink(missing_ok=True)
+            continue
+        took = time.perf_counter() - start
+        log.info("exported %s for %s in %.2fs -> %s", loaded.path.name, runtime, took, path)
+        return path
+    where = "; ".join(errors)
+    raise CheckpointError(f"cannot write the ONNX export anywhere ({where}); set --export-cache-dir")
