@@ -137,7 +137,8 @@ class Explainer:
                     f"{predictor.path} changed on disk since it was loaded; reload the model to explain it"
                 )
             layer = (loaded.meta.arch_config or {}).get(LAYER_KEY)
-            model = ExplainModel(loaded.model, predictor.input_shape, layer if isinstance(layer, str) else None)
+            named = layer if isinstance(layer, str) else None
+            model = ExplainModel(loaded.model, predictor.input_shape, named)
             self._models = {id(predictor): (predictor, model)}  # only the current model is kept
             log.info("explanations for %s: Grad-CAM on %r", predictor.name, model.cam_layer)
             return model
@@ -209,4 +210,4 @@ def _until(deadline: float, fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
-__all__ = ["Explainer", "ExplainOverloaded", "ExplainTimeout", "LayerNotFound", "b64"]
+__all__ = ["ExplainOverloaded", "ExplainTimeout", "Explainer", "LayerNotFound", "b64"]

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     )
     explain_timeout_s: float = Field(30.0, gt=0, description="an explanation waiting longer gets 504")
     explain_threads: int = Field(
-        1, ge=1, description="torch threads per explanation (few, so explanations leave the cores to predictions)"
+        1, ge=1, description="torch threads per explanation (few: leave the cores to predictions)"
     )
     admin_api_key: SecretStr | None = Field(
         None, description="X-API-Key for /v1/model/reload; unset disables it"

@@ -34,7 +34,10 @@ _IMAGE_BODY: dict[str, Any] = {
                 "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
             },
             "application/json": {
-                "schema": {"type": "object", "properties": {"images": {"type": "array", "items": {"type": "string"}}}}
+                "schema": {
+                    "type": "object",
+                    "properties": {"images": {"type": "array", "items": {"type": "string"}}},
+                }
             },
         },
     }
@@ -79,7 +82,8 @@ async def _run(request: Request, kind: str, fn: Any, *args: Any) -> Any:
         out = await ex.submit(kind, fn, *args)
     except ExplainOverloaded as e:
         ex.metrics.requests.labels(kind, "overloaded").inc()
-        raise ServiceError("overloaded", f"explanations are busy: {e}; retry shortly", headers=RETRY) from None
+        message = f"explanations are busy: {e}; retry shortly"
+        raise ServiceError("overloaded", message, headers=RETRY) from None
     except ExplainTimeout as e:
         ex.metrics.requests.labels(kind, "timeout").inc()
         raise ServiceError("timeout", str(e)) from None
@@ -107,7 +111,8 @@ def _target(value: str | None, labels: list[str]) -> int | None:
         if 0 <= i < len(labels):
             return i
         raise ServiceError("invalid_parameter", f"target: index {i} is outside 0..{len(labels) - 1}")
-    raise ServiceError("invalid_parameter", f"target: {value!r} is neither a label nor an index; labels: {labels}")
+    message = f"target: {value!r} is neither a label nor an index; labels: {labels}"
+    raise ServiceError("invalid_parameter", message)
 
 
 def _json(obj: dict[str, Any]) -> Response:
@@ -126,14 +131,18 @@ def _wants_png(request: Request) -> bool:
 )
 async def explain(
     request: Request,
-    target: Annotated[str | None, Query(description="a label or class index (default: the top-1 class)")] = None,
+    target: Annotated[
+        str | None, Query(description="a label or class index (default: the top-1 class)")
+    ] = None,
     top_k: Annotated[int | None, Query(ge=1, le=1000, description="predictions returned")] = None,
 ) -> Response:
     predictor, upload = await _one_upload(request, "gradcam")
     labels = predictor.labels
     index = _target(target, labels)
     ex = explainer(request)
-    out: Explained = await _run(request, "gradcam", ex.explain, predictor, upload.data, upload.content_type, index)
+    out: Explained = await _run(
+        request, "gradcam", ex.explain, predictor, upload.data, upload.content_type, index
+    )
     if _wants_png(request):
         return Response(out.overlay_png, media_type="image/png",
                         headers={"X-Target": labels[out.target], "X-Layer": out.layer})
@@ -179,7 +188,7 @@ async def features(
             "X-Layer": out["layer"],
             "X-Kernel-Size": "x".join(map(str, out["kernel_size"])),
             "X-Stride": ",".join(map(str, out["stride"])),
-            "X-Padding": out["padding"] if isinstance(out["padding"], str) else ",".join(map(str, out["padding"])),
+            "X-Padding": pad if isinstance(pad := out["padding"], str) else ",".join(map(str, pad)),
             "X-Output-Size": "x".join(map(str, out["output_size"])),
         }
         return Response(png, media_type="image/png", headers=headers)

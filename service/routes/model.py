@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+import math
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
+from safetensors import safe_open
 from starlette.requests import Request
 
 from service.state import get_state
+
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@functools.lru_cache(maxsize=4)
+def parameter_count(path: Path, sha256: str) -> int:
+    """Learnable parameters as trained (batch-norm folding changes the served model's count), read
+    from the safetensors header alone: shapes, no tensor data. `sha256` keys the cache."""
+    with safe_open(str(path), framework="pt") as f:
+        return sum(
+            math.prod(f.get_slice(k).get_shape())
+            for k in f.keys()  # noqa: SIM118 (safe_open is not a dict)
+            if not k.endswith(_BUFFERS)
+        )
 
 router = APIRouter(tags=["model"])
 
@@ -16,8 +34,13 @@ router = APIRouter(tags=["model"])
 async def model_info(request: Request) -> dict[str, Any]:
     st = get_state(request)
     s = st.settings
+    predictor = st.predictor
+    samples = predictor.path.parent / "samples.png"
     return {
-        **st.predictor.describe(),
+        **predictor.describe(),
+        "parameters": parameter_count(predictor.path, predictor.sha256),
+        # the training run's sample predictions, when the checkpoint still sits in its run folder
+        "samples_png": "/v1/model/samples.png" if samples.is_file() else None,
         "serving": {
             "max_batch_size": s.max_batch_size,
             "max_batch_wait_ms": s.max_batch_wait_ms,

@@ -33,7 +33,8 @@ page_router = APIRouter(include_in_schema=False)
 
 @page_router.get("/")
 async def index() -> Response:
-    return FileResponse(UI_DIR / "index.html", media_type="text/html", headers={"Content-Security-Policy": CSP})
+    headers = {"Content-Security-Policy": CSP}
+    return FileResponse(UI_DIR / "index.html", media_type="text/html", headers=headers)
 
 
 @router.get(
