@@ -232,13 +232,13 @@ function renderCard(m) {
     const dl = document.createElement("dl");
     fact(dl, "Data", tr.data);
     fact(dl, "Epochs", tr.epochs);
-    const best = tr.best || tr;
-    const top1 = best.val_top1 ?? best.val_accuracy ?? tr.best_val_top1 ?? tr.val_top1;
-    const top5 = best.val_top5 ?? tr.best_val_top5 ?? tr.val_top5;
-    if (typeof top1 === "number") fact(dl, "Best validation top-1", pct(top1));
-    if (typeof top5 === "number") fact(dl, "Best validation top-5", pct(top5));
-    fact(dl, "Best epoch", best.epoch ?? tr.best_epoch);
-    fact(dl, "Date", tr.date ?? tr.finished ?? tr.created);
+    const best = tr.best_val || {};
+    if (typeof best.top1 === "number") fact(dl, "Best validation top-1", pct(best.top1));
+    if (typeof best.top5 === "number") fact(dl, "Best validation top-5", pct(best.top5));
+    fact(dl, "Best epoch", tr.best_epoch);
+    if (tr.train_images) fact(dl, "Images", `${tr.train_images} train, ${tr.val_images} validation`);
+    if (tr.optimizer) fact(dl, "Optimiser", `${tr.optimizer}, lr ${tr.lr}, ${tr.schedule ?? ""}`);
+    fact(dl, "Date", tr.date);
     box.append(h, dl);
   }
   const curves = $("card-curves");

@@ -33,21 +33,44 @@ def picture(path: Path, colour: tuple[int, int, int], box: tuple[int, int, int, 
     return path
 
 
+SCREENSHOTS = os.environ.get("CONVSERVE_SCREENSHOTS") == "1"
+
+
 @pytest.fixture(scope="module")
-def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def page_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """The tiny model (fast); for screenshots the default model trained on shapes (tests/conftest.py)."""
     tmp = tmp_path_factory.mktemp("page")
     history = [
         {"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e, "val_top1": 0.5 + e / 20,
          "val_top5": 0.9 + e / 100, "lr": 0.003}
         for e in range(1, 7)
     ]
-    ckpt = make_checkpoint(tmp / "page-model.safetensors", labels=LABELS, name="page-model", size=32)
-    # the page reads training.history; write a checkpoint whose metadata carries one
     from model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 
-    loaded = load_checkpoint(ckpt)
+    if SCREENSHOTS:
+        source = request.getfixturevalue("trained_shapes")
+    else:
+        source = make_checkpoint(tmp / "tiny.safetensors", labels=LABELS, size=32)
+    loaded = load_checkpoint(source)
     meta: CheckpointMeta = loaded.meta
-    meta.training = {"data": "shapes (test fixture)", "epochs": 6, "history": history}
+    meta.name = "page-model"
+    # the page draws training.history; older checkpoints (and the tiny one) have none, so add one:
+    # the run's own history.csv when there is one (the trained model), else made-up numbers
+    csv = source.parent / "history.csv"
+    if csv.is_file():
+        import csv as csvlib
+
+        with csv.open() as f:
+            history = [
+                {"epoch": int(r["epoch"]), "train_loss": float(r["train_loss"]),
+                 "val_loss": float(r["val_loss"]), "val_top1": float(r["val_acc"]),
+                 "val_top5": float(r["val_top5"]), "lr": float(r["lr"])}
+                for r in csvlib.DictReader(f)
+            ]
+    meta.training = {"data": "shapes (test fixture)", "epochs": 6, "history": history, **meta.training}
+    ckpt = tmp / "page-model.safetensors"
     save_checkpoint(ckpt, loaded.model, meta)
     with run_server(ckpt, tmp, cli=True) as server:
         yield server
@@ -118,7 +141,8 @@ def test_pick_classify_explain_error_and_card(page_server: LiveServer, browser: 
     # the model card: the checkpoint's name, its labels and the curves drawn from training.history
     page.wait_for_selector("#card-facts dd")
     assert "page-model" in page.locator("#card-facts").inner_text()
-    assert page.locator("#card-labels").inner_text() == f"{len(LABELS)} classes: {', '.join(LABELS)}"
+    labels = page_server.client.get("/v1/model").json()["classes"]
+    assert page.locator("#card-labels").inner_text() == f"{len(labels)} classes: {', '.join(labels)}"
     assert page.locator("#card-curves svg.chart").count() == 2
     assert page.locator("#card-curves polyline").count() == 4
 
@@ -132,7 +156,8 @@ def test_pick_classify_explain_error_and_card(page_server: LiveServer, browser: 
     assert top_value == f"{100 * expected[0]['probability']:.1f}%"
     assert len(bar_values(page)) == len(expected)
     # what the model saw: a PNG from /v1/explain at the model's input size
-    page.wait_for_function("document.getElementById('seen').naturalWidth === 32")
+    side = page_server.client.get("/v1/model").json()["input_size"]["width"]
+    page.wait_for_function(f"document.getElementById('seen').naturalWidth === {side}")
     assert "Your image" in page.inner_text("#result")
 
     # toggle the Grad-CAM overlay and change its opacity
@@ -154,9 +179,9 @@ def test_pick_classify_explain_error_and_card(page_server: LiveServer, browser: 
     # Inside: the first convolution's feature maps with their geometry
     page.click("#inside summary")
     expect(page.locator("#inside-info")).to_contain_text("kernel 3×3")
-    assert "output 32×32" in page.inner_text("#inside-info")
+    assert f"output {side}×{side}" in page.inner_text("#inside-info")
 
-    if os.environ.get("CONVSERVE_SCREENSHOTS") == "1":
+    if SCREENSHOTS:
         page.screenshot(path=str(REPO / "docs" / "ui-desktop.png"), full_page=True)
 
     # a PDF dropped by mistake: the error in words, and the page keeps working
@@ -199,7 +224,7 @@ def test_phone_width_and_keyboard(page_server: LiveServer, browser: Any, tmp_pat
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     # every bar is a button a screen reader can name
     assert "Explain this class" in (page.locator("#bars .bar").first.get_attribute("aria-label") or "")
-    if os.environ.get("CONVSERVE_SCREENSHOTS") == "1":
+    if SCREENSHOTS:
         page.screenshot(path=str(REPO / "docs" / "ui-phone.png"), full_page=True)
     assert watch.errors == [] and watch.foreign == []
     context.close()
