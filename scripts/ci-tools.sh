@@ -14,6 +14,7 @@ declare -A PACKAGE_OF=(
   [runc]=runc
   [debootstrap]=debootstrap
   [docker-compose]=docker-compose
+  [chromium]=chromium  # tests/ui (Playwright drives it; chromium-driver is not needed)
 )
 
 missing_packages=()
@@ -24,7 +25,7 @@ for tool in "${!PACKAGE_OF[@]}"; do
 done
 
 if [[ ${#missing_packages[@]} -eq 0 ]]; then
-  echo "ci-tools: all present (promtool podman runc debootstrap docker-compose)"
+  echo "ci-tools: all present (promtool podman runc debootstrap docker-compose chromium)"
   exit 0
 fi
 

@@ -34,6 +34,7 @@ from model.device import resolve_device, set_tf32
 from service import OMP_POLICY_APPLIED, routes
 from service.decode import decode_to_tensor
 from service.errors import ERROR_CODES
+from service.explain import Explainer
 from service.http_errors import REJECTION_REASONS
 from service.http_server import HTTP_LAYER_REASONS, LAYER, HttpLimits
 from service.logs import configure_logging
@@ -77,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # service/routes/ui.py serves /docs with local assets (FastAPI's loads a CDN)
+        redoc_url=None,
         # Our Prometheus metrics are the telemetry; FastAPI's OpenTelemetry hooks read os.environ on
         # every request (2.6% of the service's CPU in the benchmark profile) and export nothing here.
         telemetry={"tracing": False, "metrics": False, "logs": False},
@@ -84,7 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.in_flight = in_flight
-    routes.install(app)
+    app.state.explainer = Explainer(settings, metrics)
+    routes.install(app, settings.ui)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -136,6 +140,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await stop_watching(watcher)
         await asyncio.wait([warming])
         await state.close()
+        app.state.explainer.close()
         restore()
         log.info("stopped: batcher drained")
 

@@ -88,6 +88,17 @@ class Settings(BaseSettings):
     warmup: Literal["all", "pow2", "max"] = Field(
         "pow2", description="batch sizes warmed up before ready: every size, powers of two, or max only"
     )
+    ui: bool = Field(True, description="serve the web page at / (--no-ui for API-only deployments)")
+    explain_concurrency: int = Field(
+        1, ge=1, le=64, description="explanations (/v1/explain, /v1/features) computed at once"
+    )
+    explain_queue_limit: int = Field(
+        8, ge=1, description="explanations running or waiting; beyond it 503 (predictions are not affected)"
+    )
+    explain_timeout_s: float = Field(30.0, gt=0, description="an explanation waiting longer gets 504")
+    explain_threads: int = Field(
+        1, ge=1, description="torch threads per explanation (few: leave the cores to predictions)"
+    )
     admin_api_key: SecretStr | None = Field(
         None, description="X-API-Key for /v1/model/reload; unset disables it"
     )

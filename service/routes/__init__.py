@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.routes import admin, handlers, health, model, predict, v2
+from service.routes import admin, explain, handlers, health, model, predict, ui, v2
 
 ENDPOINTS = frozenset(
     {
         "/v1/predict",
+        "/v1/explain",
+        "/v1/features",
         "/v1/model",
+        "/v1/model/samples.png",
+        "/",
         "/v1/model/reload",
         "/healthz",
         "/readyz",
@@ -29,11 +33,14 @@ WORK_ENDPOINTS = frozenset(
         "/v1/model/reload",
         "/v2/models/{name}/infer",
         "/v2/models/{name}/versions/{version}/infer",
+        "/v1/explain",
+        "/v1/features",
     }
 )
 
 
-def install(app: FastAPI) -> None:
-    for module in (predict, model, admin, health, v2):
+def install(app: FastAPI, ui_page: bool = True) -> None:
+    for module in (predict, explain, model, admin, health, v2):
         app.include_router(module.router)
+    ui.install(app, ui_page)
     handlers.install(app)

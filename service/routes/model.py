@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import functools
+import math
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
+from safetensors import safe_open
 from starlette.requests import Request
 
 from model.device import tf32_state
 from service.state import get_state
+
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@functools.lru_cache(maxsize=4)
+def parameter_count(path: Path, sha256: str) -> int | None:
+    """Learnable parameters as trained (batch-norm folding changes the served model's count), read
+    from the safetensors header alone: shapes, no tensor data. `sha256` keys the cache."""
+    if path.suffix == ".onnx":  # an exported/int8 artifact: no safetensors header to count from
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return sum(
+            math.prod(f.get_slice(k).get_shape())
+            for k in f.keys()  # noqa: SIM118 (safe_open is not a dict)
+            if not k.endswith(_BUFFERS)
+        )
+
 
 router = APIRouter(tags=["model"])
 
@@ -17,8 +38,13 @@ router = APIRouter(tags=["model"])
 async def model_info(request: Request) -> dict[str, Any]:
     st = get_state(request)
     s = st.settings
+    predictor = st.predictor
+    samples = predictor.path.parent / "samples.png"
     return {
-        **st.predictor.describe(),
+        **predictor.describe(),
+        "parameters": parameter_count(predictor.path, predictor.sha256),
+        # the training run's sample predictions, when the checkpoint still sits in its run folder
+        "samples_png": "/v1/model/samples.png" if samples.is_file() else None,
         # TF32 for fp32 work (CUDA only; the CPU never uses it): the setting and torch's flags now
         "tf32": {"enabled": s.tf32, **tf32_state()},
         "serving": {
