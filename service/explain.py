@@ -158,9 +158,12 @@ class Explainer:
         _, h, w = image.shape
         rgb = heatmaps.input_rgb(image)
         heat = heatmaps.upsample(cam, h, w)
+        logits = logits.float()
+        if predictor.temperature is not None:  # the same calibrated probabilities /v1/predict answers
+            logits = logits / predictor.temperature
         return Explained(
             cam=cam,
-            probs=torch.softmax(logits.float(), dim=0),
+            probs=torch.softmax(logits, dim=0),
             target=target,
             layer=model.cam_layer,
             input_png=heatmaps.png(rgb),

@@ -132,7 +132,9 @@ def bar_values(page: Any) -> list[tuple[str, str]]:
 
 
 def test_pick_classify_explain_error_and_card(page_server: LiveServer, browser: Any, tmp_path: Path) -> None:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    # bypass_csp: Playwright evaluates wait_for_function's string predicates with eval, which the
+    # page's own Content-Security-Policy (script-src 'self') forbids; the page's scripts run unchanged
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     watch = Watch(page)
@@ -204,7 +206,9 @@ def test_pick_classify_explain_error_and_card(page_server: LiveServer, browser: 
 
 
 def test_phone_width_and_keyboard(page_server: LiveServer, browser: Any, tmp_path: Path) -> None:
-    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, device_scale_factor=2, bypass_csp=True
+    )
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     watch = Watch(page)
@@ -237,7 +241,7 @@ def test_no_ui_turns_the_page_off_and_docs_work_offline(tmp_path: Path, browser:
     with run_server(ckpt, tmp_path, ui=False) as server:
         assert server.client.get("/").status_code == 404
         assert server.client.get("/v1/model/samples.png").status_code == 404
-        page = browser.new_page()
+        page = browser.new_page(bypass_csp=True)
         watch = Watch(page)
         page.goto(server.url + "/docs")
         page.wait_for_selector(".swagger-ui .info .title", timeout=TIMEOUT_MS)
