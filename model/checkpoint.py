@@ -112,6 +112,15 @@ class Loaded:
         return Preprocess.from_dict(self.meta.preprocess)
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a whole file, read in 1 MiB blocks (for files not read through load_checkpoint)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     """A digest of names, dtypes, shapes and bytes, independent of file layout and metadata."""
     h = hashlib.sha256()

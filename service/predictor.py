@@ -10,7 +10,6 @@ batch ends: a reload needs room for two models' weights plus the new one's warm-
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import CheckpointError, Loaded
+from model.checkpoint import CheckpointError, Loaded, file_sha256
 from model.onnx_file import OnnxArtifact
 from service.optimize import allow_graphs, bucket
 from service.runtimes import build_runtime, load_source
@@ -79,14 +78,6 @@ class JobResult:
     top1_label: str
     top1_probability: float
     model: dict[str, str]  # the model that answered (a reload may land between decode and inference)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Predictor:

@@ -12,7 +12,6 @@ images of the training split under the evaluation transform (what the service fe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import file_sha256, load_checkpoint
 from model.onnx_file import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -39,14 +38,6 @@ from training.config import ConfigError, TrainConfig
 from training.data import DataSpec, Sample, load_data
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write(out: Path, data: bytes) -> None:
