@@ -158,12 +158,9 @@ class Explainer:
         _, h, w = image.shape
         rgb = heatmaps.input_rgb(image)
         heat = heatmaps.upsample(cam, h, w)
-        logits = logits.float()
-        if predictor.temperature is not None:  # the same calibrated probabilities /v1/predict answers
-            logits = logits / predictor.temperature
         return Explained(
             cam=cam,
-            probs=torch.softmax(logits, dim=0),
+            probs=predictor.probabilities(logits),  # calibrated exactly as /v1/predict answers
             target=target,
             layer=model.cam_layer,
             input_png=heatmaps.png(rgb),

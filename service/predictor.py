@@ -171,11 +171,17 @@ class Predictor:
             else:
                 batch = self._to_device(images)
                 x = self.preprocess.normalize(batch, self.dtype)  # (B, C, H, W) on the device
-            logits = self.runtime.run(x).float()  # the runtime applies channels_last where it uses it
-            if self.temperature is not None:  # temperature scaling: same ranking, honest confidence
-                logits = logits / self.temperature
+            logits = self.runtime.run(x)  # the runtime applies channels_last where it uses it
             # .cpu() synchronises with the device, so the pinned buffer is free again afterwards.
-            return logits.softmax(dim=-1).cpu()
+            return self.probabilities(logits).cpu()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits -> the probabilities this service answers with: softmax of logits / T when the
+        checkpoint is calibrated (temperature scaling: same ranking, honest confidence)."""
+        logits = logits.float()
+        if self.temperature is not None:
+            logits = logits / self.temperature
+        return logits.softmax(dim=-1)
 
     def _prenormalised(self, images: list[torch.Tensor]) -> torch.Tensor:
         """A batch holding client-preprocessed float tensors: normalise only the uint8 ones (rare path,
