@@ -130,6 +130,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     log.debug("tf32 flags %s", tf32)
     state = ServiceState(settings, metrics, device, predictor)
     app.state.convserve = state
+    app.state.explainer.predicting = state.predicting  # explanations start in the gaps between them
     restore, stop_server = _drain_on_sigterm(state, app.state.in_flight)
     warming = asyncio.create_task(_warm_up_then_ready(state, stop_server), name="warm-up")
     watcher = start_watching(state)  # None unless --watch-checkpoint

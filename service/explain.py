@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,8 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 CAM_GRID = 16  # the heat map's numeric grid in the JSON answer: small, and the same for every model
+YIELD_POLL_S = 0.001  # how often a yielding explanation looks for a gap (one waiter per explain thread)
+YIELD_GAP_S = 0.002  # a gap between predictions: longer than a loopback client's turnaround
 
 
 class ExplainOverloaded(Exception):
@@ -81,9 +84,15 @@ class Explained:
 
 
 class Explainer:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, predicting: Callable[[], bool] = lambda: False
+    ) -> None:
         self.settings = settings
         self.metrics = ExplainMetrics(metrics)
+        # True while a prediction is decoding, queued or running: an explanation about to start waits
+        # (up to --explain-yield-ms) for a moment when it is False (see _yield_to_predictions).
+        self.predicting = predicting
+        self._slots = asyncio.Semaphore(settings.explain_concurrency)  # one per explain thread
         threads = settings.explain_threads
         # torch.set_num_threads in a worker applies to that thread's parallel regions (OpenMP), so the
         # prediction thread keeps its own count.
@@ -109,10 +118,14 @@ class Explainer:
         deadline = time.perf_counter() + s.explain_timeout_s
         start = time.perf_counter()
         self.pending += 1
-        future = asyncio.get_running_loop().run_in_executor(self.pool, _until, deadline, fn, *args)
         try:
             async with asyncio.timeout(s.explain_timeout_s):
-                result = await future
+                # A slot per explain thread: the wait for a gap happens right before the job starts
+                # on a thread, not while it sits behind others in the pool's queue.
+                async with self._slots:
+                    await self._yield_to_predictions()
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(self.pool, _until, deadline, fn, *args)
         except TimeoutError:
             self.metrics.rejected.labels("timeout").inc()
             raise ExplainTimeout(f"no explanation within {s.explain_timeout_s:g}s") from None
@@ -120,6 +133,31 @@ class Explainer:
             self.pending -= 1
         self.metrics.duration.labels(kind).observe(time.perf_counter() - start)
         return result
+
+    async def _yield_to_predictions(self) -> None:
+        """Wait until no prediction has been in flight for YIELD_GAP_S, or --explain-yield-ms passed.
+
+        On a few cores an explanation (a backward pass on one thread, its Python work holding the GIL,
+        three PNGs) slows every prediction that overlaps it; niceness alone did not stop 4 explaining
+        clients from doubling the default convnet's prediction median on 2 cores (docs/ui.md). A gap
+        must last a little: a closed-loop client leaves a fraction of a millisecond between its
+        requests, and an explanation started there overlaps the next prediction whole. The bound
+        keeps explanations from starving under a steady prediction stream: they then start at most
+        that long apart."""
+        budget = self.settings.explain_yield_ms / 1000.0
+        if budget <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + budget
+        quiet_since: float | None = None
+        while (now := loop.time()) < until:
+            if self.predicting():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= YIELD_GAP_S:
+                return
+            await asyncio.sleep(YIELD_POLL_S)
 
     def close(self) -> None:
         self.closed = True

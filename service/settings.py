@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     explain_threads: int = Field(
         1, ge=1, description="torch threads per explanation (few: leave the cores to predictions)"
     )
+    explain_yield_ms: float = Field(
+        20.0, ge=0, le=10_000,
+        description="an explanation waits up to this long for a moment with no prediction in flight "
+        "before it starts, so predictions go first (0: start at once); explanations' latency grows by "
+        "at most this much, and under a steady stream of predictions they get at most "
+        "explain_time / (explain_time + yield) of a core (docs/ui.md)",
+    )
     admin_api_key: SecretStr | None = Field(
         None, description="X-API-Key for /v1/model/reload; unset disables it"
     )

@@ -142,6 +142,10 @@ class ServiceState:
         metrics.watch_queue(lambda: self.batcher.depth, settings.queue_limit)
         self._publish_model()
 
+    def predicting(self) -> bool:
+        """A prediction is decoding, queued or running (event loop; explanations yield to it)."""
+        return bool(self.decoding or self.batcher.depth or self.batcher.busy)
+
     def set_ready(self, ready: bool) -> None:
         self.ready = ready
         self.metrics.ready.set(1 if ready and not self.draining and not self.device_failed else 0)
