@@ -26,11 +26,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from service.predictor import WarmupStopped
+from service import precision
+from service.predictor import Predictor, WarmupStopped
 
 log = logging.getLogger(__name__)
 LONE_MARGIN = 0.97
@@ -76,17 +78,32 @@ def at_threads(threads: int, fn, *args):  # type: ignore[no-untyped-def]
         torch.set_num_threads(before)
 
 
+@dataclass(frozen=True)
+class ThreadChoice:
+    batch: int  # threads for a batch
+    lone: int  # threads for a lone image
+    took_s: float
+    top: int  # the batch size timed for the batch rule
+    # the current precision's fastest times at the chosen counts (None: nothing was timed)
+    one_s: float | None = None
+    top_s: float | None = None
+
+
+def probe_size(sizes: list[int]) -> int:
+    return max([n for n in sizes if n <= PROBE_MAX] or [min(sizes)])
+
+
 def choose(
     predictor: Runnable, sizes: list[int], all_threads: int, stop: threading.Event | None = None
-) -> tuple[int, int, float]:
-    """(threads for a batch, threads for a lone image, seconds spent). Starts on the current (batch
-    default) thread count and leaves torch on it."""
+) -> ThreadChoice:
+    """Threads for a batch and for a lone image, and the times they were chosen by. Starts on the
+    current (batch default) thread count and leaves torch on it."""
     few = torch.get_num_threads()
     start = time.perf_counter()
     predictor.warmup(sizes, stop)
+    top = probe_size(sizes)
     if all_threads == few:  # pinned with --torch-threads, or a single core
-        return few, few, time.perf_counter() - start
-    top = max([n for n in sizes if n <= PROBE_MAX] or [min(sizes)])
+        return ThreadChoice(few, few, time.perf_counter() - start, top)
     narrow_one, narrow_top = fastest(predictor, 1), fastest(predictor, top)
     at_threads(all_threads, warm_sizes, predictor, sorted({1, top}), stop)  # kernels for that count first
     wide_one = at_threads(all_threads, fastest, predictor, 1)
@@ -101,4 +118,53 @@ def choose(
         top, wide_top * 1e3, all_threads, narrow_top * 1e3, few, batch,
         wide_one * 1e3, narrow_one * 1e3, lone,
     )
-    return batch, lone, time.perf_counter() - start
+    one_s = wide_one if lone == all_threads else narrow_one
+    top_s = wide_top if batch == all_threads else narrow_top
+    return ThreadChoice(batch, lone, time.perf_counter() - start, top, one_s, top_s)
+
+
+def settle_precision(
+    predictor: Predictor, sizes: list[int], batch_threads: int, lone_threads: int,
+    fp32: ThreadChoice | None = None, stop: threading.Event | None = None,
+) -> precision.Choice:
+    """--precision auto (service/precision.py): probe agreement first (cheap to fail), then the
+    candidate timed on a lone image at `lone_threads` and on one batch at `batch_threads`, against
+    fp32's times from the thread choice (`fp32`) or timed here (a reload, a pinned thread count).
+    Leaves only the winner in the predictor, warmed at every size at both counts; returns the choice."""
+    low = predictor.candidate
+    assert low is not None
+    start = time.perf_counter()
+    top = probe_size(sizes)
+    images = precision.probe_images(predictor.input_shape)
+    want = at_threads(batch_threads, predictor.top1, images, "fp32")
+    got = at_threads(batch_threads, predictor.top1, images, low)
+    agreed = int((want == got).sum())
+    if agreed < precision.AGREEMENT_BAR * len(images):
+        choice = precision.Choice("auto", "fp32", f"auto: fp32, {low} top-1 agreed {agreed}/{len(images)} "
+                                  "on the probe images (needs all)")
+    else:
+        predictor.use("fp32")
+        if fp32 is None or fp32.one_s is None or fp32.top_s is None:
+            at_threads(lone_threads, warm_sizes, predictor, [1], stop)
+            at_threads(batch_threads, warm_sizes, predictor, [top], stop)
+            fp32_one = at_threads(lone_threads, fastest, predictor, 1)
+            fp32_top = at_threads(batch_threads, fastest, predictor, top)
+        else:
+            fp32_one, fp32_top = fp32.one_s, fp32.top_s
+        predictor.use(low)
+        at_threads(lone_threads, warm_sizes, predictor, [1], stop)
+        at_threads(batch_threads, warm_sizes, predictor, [top], stop)
+        low_one = at_threads(lone_threads, fastest, predictor, 1)
+        low_top = at_threads(batch_threads, fastest, predictor, top)
+        choice = precision.decide(precision.Measured(low, top, fp32_top, low_top, fp32_one, low_one,
+                                                     agreed, len(images)))
+    predictor.settle(choice)
+    if choice.precision != "fp32":  # the fp32 runtime was warm; the new one is, at two sizes so far
+        rest = [n for n in sizes if n != top]
+        at_threads(batch_threads, predictor.warmup, rest, stop)
+        if lone_threads != batch_threads:
+            at_threads(lone_threads, warm_sizes, predictor, [1], stop)
+        if predictor.compile != "off":  # the buckets are every warmed size, as predictor.warmup sets them
+            predictor.buckets = sorted(set(sizes))
+    log.info("precision %s (%.2fs to decide)", choice.reason, time.perf_counter() - start)
+    return choice
