@@ -113,7 +113,7 @@ def warm_up(
         n = min(few, CUDA_TORCH_THREADS)
         took = warm_at(predictor, sizes, (n,), stop)
         if getattr(predictor, "candidate", None) is not None:
-            threads.settle_precision(predictor, sizes, n, n, None, stop)
+            threads.settle_precision(predictor, sizes, n, n, stop, fp32_warm=True)
         log.info("warm-up of %d batch size(s) on %s took %.2fs; %d torch thread(s), the other cores "
                  "decode", len(sizes), predictor.device, took, n)
         return n, n
@@ -121,7 +121,7 @@ def warm_up(
     took = chosen.took_s
     if getattr(predictor, "candidate", None) is not None:  # --precision auto with a candidate
         start = time.perf_counter()
-        threads.settle_precision(predictor, sizes, chosen.batch, chosen.lone, chosen, stop)
+        threads.settle_precision(predictor, sizes, chosen.batch, chosen.lone, stop, fp32_warm=True)
         took += time.perf_counter() - start
     log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
     return chosen.batch, chosen.lone

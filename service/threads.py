@@ -84,9 +84,6 @@ class ThreadChoice:
     lone: int  # threads for a lone image
     took_s: float
     top: int  # the batch size timed for the batch rule
-    # the current precision's fastest times at the chosen counts (None: nothing was timed)
-    one_s: float | None = None
-    top_s: float | None = None
 
 
 def probe_size(sizes: list[int]) -> int:
@@ -118,19 +115,38 @@ def choose(
         top, wide_top * 1e3, all_threads, narrow_top * 1e3, few, batch,
         wide_one * 1e3, narrow_one * 1e3, lone,
     )
-    one_s = wide_one if lone == all_threads else narrow_one
-    top_s = wide_top if batch == all_threads else narrow_top
-    return ThreadChoice(batch, lone, time.perf_counter() - start, top, one_s, top_s)
+    return ThreadChoice(batch, lone, time.perf_counter() - start, top)
+
+
+def fastest_pair(
+    predictor: Predictor, n: int, a: str, b: str, repeats: int = 3, budget_s: float = 2 * TIMING_BUDGET_S
+) -> tuple[float, float]:
+    """Fastest blank batch of n at precision a and at b, the two alternating run by run (drift on a
+    shared machine lands on both), up to `repeats` pairs (at least one) within `budget_s`."""
+    best = {a: float("inf"), b: float("inf")}
+    spent = 0.0
+    for _ in range(repeats):
+        for name in (a, b):
+            predictor.use(name)
+            start = time.perf_counter()
+            predictor.run_blank(n)
+            took = time.perf_counter() - start
+            best[name], spent = min(best[name], took), spent + took
+        if spent >= budget_s:
+            break
+    return best[a], best[b]
 
 
 def settle_precision(
     predictor: Predictor, sizes: list[int], batch_threads: int, lone_threads: int,
-    fp32: ThreadChoice | None = None, stop: threading.Event | None = None,
+    stop: threading.Event | None = None, fp32_warm: bool = False,
 ) -> precision.Choice:
-    """--precision auto (service/precision.py): probe agreement first (cheap to fail), then the
-    candidate timed on a lone image at `lone_threads` and on one batch at `batch_threads`, against
-    fp32's times from the thread choice (`fp32`) or timed here (a reload, a pinned thread count).
-    Leaves only the winner in the predictor, warmed at every size at both counts; returns the choice."""
+    """--precision auto (service/precision.py): probe agreement first (cheap to fail), then fp32 and
+    the candidate timed alternately on a lone image at `lone_threads` and on one batch (the thread
+    rule's, largest warmed size up to 8) at `batch_threads`. fp32's times from the thread choice are
+    not reused: taken seconds earlier, they would carry a shared machine's drift into the ratio.
+    Leaves only the winner in the predictor, warmed at every size at both counts; returns the choice.
+    `fp32_warm`: start-up's thread choice has already warmed fp32 at both counts."""
     low = predictor.candidate
     assert low is not None
     start = time.perf_counter()
@@ -143,27 +159,17 @@ def settle_precision(
         choice = precision.Choice("auto", "fp32", f"auto: fp32, {low} top-1 agreed {agreed}/{len(images)} "
                                   "on the probe images (needs all)")
     else:
-        predictor.use("fp32")
-        if fp32 is None or fp32.one_s is None or fp32.top_s is None:
+        for name in (low,) if fp32_warm else ("fp32", low):  # kernels at both counts before timing
+            predictor.use(name)
             at_threads(lone_threads, warm_sizes, predictor, [1], stop)
             at_threads(batch_threads, warm_sizes, predictor, [top], stop)
-            fp32_one = at_threads(lone_threads, fastest, predictor, 1)
-            fp32_top = at_threads(batch_threads, fastest, predictor, top)
-        else:
-            fp32_one, fp32_top = fp32.one_s, fp32.top_s
-        predictor.use(low)
-        at_threads(lone_threads, warm_sizes, predictor, [1], stop)
-        at_threads(batch_threads, warm_sizes, predictor, [top], stop)
-        low_one = at_threads(lone_threads, fastest, predictor, 1)
-        low_top = at_threads(batch_threads, fastest, predictor, top)
+        fp32_one, low_one = at_threads(lone_threads, fastest_pair, predictor, 1, "fp32", low)
+        fp32_top, low_top = at_threads(batch_threads, fastest_pair, predictor, top, "fp32", low)
         choice = precision.decide(precision.Measured(low, top, fp32_top, low_top, fp32_one, low_one,
                                                      agreed, len(images)))
     predictor.settle(choice)
-    if choice.precision != "fp32":  # the fp32 runtime was warm; the new one is, at two sizes so far
-        rest = [n for n in sizes if n != top]
-        at_threads(batch_threads, predictor.warmup, rest, stop)
-        if lone_threads != batch_threads:
-            at_threads(lone_threads, warm_sizes, predictor, [1], stop)
+    if choice.precision != "fp32":  # fp32 was warm at every size; the winner is at 1 and `top` so far
+        at_threads(batch_threads, predictor.warmup, [n for n in sizes if n != top], stop)
         if predictor.compile != "off":  # the buckets are every warmed size, as predictor.warmup sets them
             predictor.buckets = sorted(set(sizes))
     log.info("precision %s (%.2fs to decide)", choice.reason, time.perf_counter() - start)
