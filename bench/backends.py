@@ -22,6 +22,7 @@ import torch
 
 from bench.inputs import generate
 from bench.loadgen import build_request, load
+from bench.peak import peak_gflops
 from bench.servers import service_server
 
 log = logging.getLogger(__name__)
@@ -29,29 +30,6 @@ VARIANTS = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("ope
             ("onnxruntime", "int8"), ("openvino", "int8")]
 ARCHS = {"convnet": "small64", "resnet18": "photo640", "mobilenet_v3_small": "photo640"}
 HOST = "127.0.0.1"
-
-
-def peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Median GFLOP/s of an n x n matmul per precision (int8: torch._int_mm, int32 accumulation)."""
-    torch.set_num_threads(threads)
-    out: dict[str, float] = {}
-    mats = {
-        "fp32": torch.randn(n, n),
-        "bf16": torch.randn(n, n, dtype=torch.bfloat16),
-        "int8": torch.randint(-128, 127, (n, n), dtype=torch.int8),
-    }
-    for name, m in mats.items():
-        def op(m: torch.Tensor = m, name: str = name) -> torch.Tensor:
-            return torch._int_mm(m, m) if name == "int8" else m @ m
-
-        op()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            op()
-            times.append(time.perf_counter() - start)
-        out[name] = 2 * n**3 / statistics.median(times) / 1e9
-    return out
 
 
 def model_gflop(model: torch.nn.Module, shape: tuple[int, int, int]) -> float:

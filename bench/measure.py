@@ -149,3 +149,18 @@ def in_process_bound(checkpoint: Path, images: Path, count: int, batch: int, dec
     log.info("  in-process bound: %.1f images/s (decode alone %.1f/s, inference alone %.1f/s)",
              out["images_per_s"], out.get("decode_only_per_s", 0), out.get("infer_only_per_s", 0))
     return out
+
+
+def machine_peak(checkpoint: Path, threads: int, repeats: int = 5) -> dict[str, Any]:
+    """bench.peak in its own process: the GEMM peak per precision on `threads` and the model's GFLOP
+    per image (2 FLOPs per multiply-add), for the report's share-of-peak column."""
+    cmd = [sys.executable, "-m", "bench.peak", "--checkpoint", str(checkpoint), "--threads", str(threads),
+           "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak measurement failed:\n{proc.stderr[-3000:]}")
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    peaks = out["peak_gflops"]
+    log.info("  peak matmul on %d thread(s): fp32 %.0f, bf16 %.0f GFLOP/s; model %.3f GFLOP/image", threads,
+             peaks["fp32"], peaks["bf16"], out["gflop_per_image"])
+    return out

@@ -16,8 +16,12 @@ NAN = float("nan")
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     cpu = "unknown"
     flags: set[str] = set()
+    ident: dict[str, str] = {}  # cpu family/model: "AMD EPYC" alone does not say Zen 3 or Zen 4
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip()
+            if key in ("cpu family", "model") and key not in ident:
+                ident[key] = line.split(":", 1)[1].strip()
             if line.startswith("model name") and cpu == "unknown":
                 cpu = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
@@ -40,6 +44,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         versions["libjpeg-turbo"] = "yes" if features.check_feature("libjpeg_turbo") else "no"
     except Exception:
         versions["libjpeg-turbo"] = "?"
+    if ident:
+        cpu += " (" + ", ".join(f"{k} {v}" for k, v in ident.items()) + ")"
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -119,12 +125,50 @@ def cpu_ratio(sc: dict[str, Any], c: int) -> float:
     return b["server_cpu_ms"] / s["server_cpu_ms"] if s and b and s["server_cpu_ms"] else float("nan")
 
 
+def server_precision(sc: dict[str, Any], server: str) -> str:
+    """What a server's model ran in: the service's (auto: its choice), the baseline's fp32."""
+    return str(sc.get("service_precision", "fp32")) if server == "service" else "fp32"
+
+
+def peak_share(sc: dict[str, Any], server: str, rps: float) -> tuple[float, float]:
+    """(achieved GFLOP/s = images/s x GFLOP/image, its share of the GEMM peak at the server's
+    precision); NaNs when the run has no peak (CUDA, or a report from before the column)."""
+    peak = sc.get("peak")
+    if not peak:
+        return NAN, NAN
+    peaks = peak["peak_gflops"]
+    top = peaks.get(server_precision(sc, server)) or peaks["fp32"]
+    achieved = rps * peak["gflop_per_image"]  # one image per request
+    return achieved, achieved / top if top else NAN
+
+
+def share_cell(sc: dict[str, Any], server: str, rps: float) -> str:
+    share = peak_share(sc, server, rps)[1]
+    return "-" if share != share else f"{100 * share:.1f}% {server_precision(sc, server)}"
+
+
+def limit_line(sc: dict[str, Any]) -> str:
+    """What the physical-limit columns are measured against, below each scenario's table."""
+    peak = sc.get("peak")
+    if not peak:
+        return "Physical limit: not measured (no GEMM peak in this run)."
+    p, g = peak["peak_gflops"], peak["gflop_per_image"]
+    prec = server_precision(sc, "service")
+    top = p.get(prec) or p["fp32"]
+    return (f"Physical limit: {peak['matmul_n']}^3 matmul peak on {peak['threads']} thread(s) (the service's "
+            f"batch count), same run: fp32 {_f(p['fp32'], 0)}, bf16 {_f(p['bf16'], 0)} GFLOP/s; the model "
+            f"does {g:.3f} GFLOP per image (2 FLOPs per multiply-add), so the {prec} peak allows at most "
+            f"{_f(top / g if g else NAN)} images/s. `GFLOP/s` = req/s x GFLOP/image, `% of peak` its share "
+            "of the peak at the server's precision (the baseline: fp32).")
+
+
 def scenario_table(sc: dict[str, Any]) -> list[str]:
     by = _by(sc["summaries"])
     lines = [
         "| clients | server | req/s | x baseline | % of bound | p50 ms | p90 ms | p99 ms | p99/p50 | errors "
-        "| RSS MiB before → after | CPU ms/req | CPU x baseline | client CPU ms/req | other load (cores) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| RSS MiB before → after | CPU ms/req | CPU x baseline | client CPU ms/req | other load (cores) "
+        "| GFLOP/s | % of peak |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in sorted({k[1] for k in by}):
         for name in ("service", "baseline"):
@@ -139,7 +183,8 @@ def scenario_table(sc: dict[str, Any]) -> list[str]:
                 f"| {_f(s['p99_ms'] / s['p50_ms'] if s['p50_ms'] else float('nan'), 2)} | {s['errors']} "
                 f"| {_f(s['rss_before_mb'], 0)} → {_f(s['rss_after_mb'], 0)} | {_f(s['server_cpu_ms'])} "
                 f"| {_f(cpu_ratio(sc, c), 2) if svc else '1'} "
-                f"| {_f(s['client_cpu_ms'], 2)} | {_f(s['other_cores'], 2)} |"
+                f"| {_f(s['client_cpu_ms'], 2)} | {_f(s['other_cores'], 2)} "
+                f"| {_f(peak_share(sc, name, s['rps'])[0])} | {share_cell(sc, name, s['rps'])} |"
             )
     b = sc["bound"]
     lines.append(
@@ -150,6 +195,7 @@ def scenario_table(sc: dict[str, Any]) -> list[str]:
         f"{_f(b.get('decode_only_per_s', NAN))} images/s, inference alone "
         f"{_f(b.get('infer_only_per_s', NAN))} images/s."
     )
+    lines.append("\n" + limit_line(sc))
     return lines
 
 

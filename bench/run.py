@@ -21,7 +21,7 @@ from typing import Any
 
 from bench import inputs, precision
 from bench.inputs import ImageSet
-from bench.measure import Summary, alternate, combine_bounds, in_process_bound, summarise
+from bench.measure import Summary, alternate, combine_bounds, in_process_bound, machine_peak, summarise
 from bench.servers import REPO, Server, baseline_server, http_get, service_server
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,10 @@ def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchS
         for s in servers:
             s.stop()
     bound = combine_bounds(bounds)
+    # The physical limit, alone on the machine like the bound: GEMM peak on the service's batch
+    # threads, and the model's work per image (bench/peak.py). Skipped on CUDA (a CPU GEMM says
+    # nothing about a GPU).
+    peak = machine_peak(ckpt, threads, repeats=3 if bs.rounds <= 1 else 5) if bs.device == "cpu" else None
     return {
         "title": sc.title,
         "arch": sc.arch,
@@ -171,6 +175,8 @@ def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchS
         "image_mean_kib": images.mean_bytes / 1024,
         "requests_at": requests_at,
         "bound": bound,
+        "peak": peak,
+        "service_precision": service_precision(model_info),
         "servers": {s.name: _server_info(s) for s in servers},
         "service_model": model_info,
         "summaries": [dataclasses.asdict(summarise(name, c, rs))
@@ -186,6 +192,14 @@ def service_threads(model_info: str, fallback: int) -> int:
     except (ValueError, KeyError, TypeError):
         log.warning("/v1/model has no serving.torch_threads; the bound uses %d thread(s)", fallback)
         return fallback
+
+
+def service_precision(model_info: str) -> str:
+    """The precision the running service serves (--precision auto: what it chose), fp32 if unknown."""
+    try:
+        return str(json.loads(model_info)["precision"])
+    except (ValueError, KeyError, TypeError):
+        return "fp32"
 
 
 def run_variants(key: str, ckpt: Path, sets: dict[str, ImageSet], image_set: str, concurrency: int,

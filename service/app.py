@@ -158,6 +158,7 @@ async def _warm_up_then_ready(state: ServiceState, stop_server: Callable[[], Non
         state.batch_threads, state.lone_threads = await state.batcher.call_in_worker(
             warm_up, predictor, settings.warmup_sizes(), settings.lone_threads, state.stopping
         )
+        state.publish_model()  # --precision auto has chosen by now
         await _warm_decode(state)
         # Load, folding and warm-up freed hundreds of MiB that glibc would keep mapped (idle RSS).
         await asyncio.to_thread(release_free_memory)
@@ -179,7 +180,7 @@ async def _warm_up_then_ready(state: ServiceState, stop_server: Callable[[], Non
         "(%d for a lone request), OMP_WAIT_POLICY=%s",
         predictor.name,
         state.device,
-        settings.precision,
+        predictor.precision_choice.reason if settings.precision == "auto" else predictor.precision,
         settings.max_batch_size,
         settings.queue_limit,
         settings.decode_workers,

@@ -10,6 +10,8 @@ batch ends: a reload needs room for two models' weights plus the new one's warm-
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -22,7 +24,9 @@ import torch
 from model.checkpoint import CheckpointError, Loaded, file_sha256
 from model.onnx_file import OnnxArtifact
 from service.optimize import allow_graphs, bucket
-from service.runtimes import build_runtime, load_source
+from service.precision import Choice, candidate
+from service.runtimes import Runtime, build_runtime, load_source
+from service.runtimes.torch import TorchRuntime
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -106,6 +110,13 @@ class Predictor:
         self.ref = {"name": self.name, "version": self.version, "sha256": self.sha256}
         self.temperature = _temperature(loaded, calibration)  # None: raw softmax
         self.device = device
+        setting = precision
+        # --precision auto: serve fp32 until warm-up has timed and probed the candidate beside it
+        # (service.threads.settle_precision); None when the hardware or runtime offers none.
+        self.candidate: str | None = None
+        if precision == "auto":
+            self.candidate, why = candidate(device, runtime)
+            precision = "fp32"
         self.precision = precision
         self.dtype = DTYPES[precision]  # the ONNX backends accept fp32 only (build_runtime says so)
         if device.type == "cpu" and precision == "fp16":
@@ -120,6 +131,17 @@ class Predictor:
             compile=compile, fold_bn=fold_bn, cache_dir=export_cache_dir,
         )
         self.precision = self.runtime.precision  # int8 for a quantized file
+        self._runtimes: dict[str, Runtime] = {self.precision: self.runtime}
+        if setting != "auto":
+            self.precision_choice = Choice(setting, self.precision, f"set by --precision {setting}")
+        elif self.candidate is None:
+            self.precision_choice = Choice(setting, self.precision, f"auto: fp32, {why}")
+        else:
+            assert isinstance(loaded, Loaded) and isinstance(self.runtime, TorchRuntime)
+            self._runtimes[self.candidate] = self._candidate_runtime(loaded, self.runtime, channels_last,
+                                                                     compile)
+            self.precision_choice = Choice(setting, self.precision,
+                                           f"auto: fp32 until warm-up has timed {self.candidate} ({why})")
         self.model = self.runtime.model  # the torch callable; None for the ONNX backends
         self.folded_bn = self.runtime.folded_bn
         self.channels_last = getattr(self.runtime, "channels_last", False)
@@ -138,6 +160,36 @@ class Predictor:
     @classmethod
     def load(cls, path: Path, device: torch.device, **kwargs: Any) -> Predictor:
         return cls(load_source(path), device, **kwargs)
+
+    def _candidate_runtime(self, loaded: Loaded, fp32: TorchRuntime, channels_last: str,
+                           compile: str) -> Runtime:
+        """The auto candidate beside the fp32 runtime, from a copy of the fp32 eager model when there
+        is one (batch-norm is folded once), else from a copy of the checkpoint's model (the runtime
+        converts its model in place, and the fp32 one must stay as it is)."""
+        assert self.candidate is not None
+        source = fp32.model if compile == "off" and isinstance(fp32.model, torch.nn.Module) else None
+        copied = dataclasses.replace(loaded, model=copy.deepcopy(source or loaded.model))
+        rt = TorchRuntime(copied, self.device, precision=self.candidate, channels_last=channels_last,
+                          compile=compile, fold_bn=source is None and fp32.folded_bn)
+        rt.folded_bn = fp32.folded_bn
+        return rt
+
+    def use(self, precision: str) -> None:
+        """Run with one of the runtimes built (auto: fp32 and the candidate) from now on."""
+        rt = self._runtimes[precision]
+        self.runtime, self.precision, self.dtype, self.model = rt, rt.precision, rt.input_dtype, rt.model
+
+    def settle(self, choice: Choice) -> None:
+        """Keep the chosen runtime only (auto's decision), and say why in /v1/model."""
+        self.use(choice.precision)
+        self._runtimes = {choice.precision: self.runtime}
+        self.candidate = None
+        self.precision_choice = choice
+
+    def top1(self, images: torch.Tensor, precision: str) -> torch.Tensor:
+        """Top-1 class of (N, C, H, W) uint8 images at one of the built precisions; leaves that one on."""
+        self.use(precision)
+        return self.forward(list(images)).argmax(dim=1)
 
     # ---- the hot path (inference thread only) -------------------------------------------------------
     def _to_device(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -270,6 +322,7 @@ class Predictor:
             "training": self.meta.training,
             "device": str(self.device),
             "precision": self.precision,
+            "precision_choice": self.precision_choice.describe(),
             "runtime": {
                 "name": self.runtime.name, "version": self.runtime.version, **self.runtime.describe()
             },

@@ -72,7 +72,7 @@ def build_predictor(
         # A reload warms beside live traffic: on CUDA on its own stream, which Predictor.run_blank
         # synchronises (not the whole device), so live batches never wait for the warm-up.
         with side_stream(device):
-            took = warm_at(predictor, settings.warmup_sizes(), warm_threads)
+            took = warm_reloaded(predictor, settings.warmup_sizes(), warm_threads)
         log.info("warm-up at %s thread(s) took %.2fs", "/".join(map(str, warm_threads)), took)
     return predictor
 
@@ -92,6 +92,16 @@ def warm_at(
     return took
 
 
+def warm_reloaded(predictor: Predictor, sizes: list[int], threads_in_use: tuple[int, ...]) -> float:
+    """A reload's warm-up at the (batch, lone) counts in use; --precision auto decides first, timed
+    beside live traffic (so a busy service leans to whichever precision the noise favours)."""
+    start = time.perf_counter()
+    if getattr(predictor, "candidate", None) is not None:
+        batch, lone = threads_in_use[0], threads_in_use[-1]
+        threads.settle_precision(predictor, sizes, batch, lone)
+    return warm_at(predictor, sizes, threads_in_use) + (time.perf_counter() - start)
+
+
 def warm_up(
     predictor: Predictor, sizes: list[int], all_threads: int, stop: threading.Event | None = None
 ) -> tuple[int, int]:
@@ -102,12 +112,19 @@ def warm_up(
     if predictor.device.type == "cuda":  # the GPU does the math: no CPU thread timing
         n = min(few, CUDA_TORCH_THREADS)
         took = warm_at(predictor, sizes, (n,), stop)
+        if getattr(predictor, "candidate", None) is not None:
+            threads.settle_precision(predictor, sizes, n, n, stop, fp32_warm=True)
         log.info("warm-up of %d batch size(s) on %s took %.2fs; %d torch thread(s), the other cores "
                  "decode", len(sizes), predictor.device, took, n)
         return n, n
-    batch, lone, took = threads.choose(predictor, sizes, all_threads, stop)
+    chosen = threads.choose(predictor, sizes, all_threads, stop)
+    took = chosen.took_s
+    if getattr(predictor, "candidate", None) is not None:  # --precision auto with a candidate
+        start = time.perf_counter()
+        threads.settle_precision(predictor, sizes, chosen.batch, chosen.lone, stop, fp32_warm=True)
+        took += time.perf_counter() - start
     log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
-    return batch, lone
+    return chosen.batch, chosen.lone
 
 
 class ServiceState:
@@ -208,7 +225,7 @@ class ServiceState:
                     # compile on the inference thread itself, between batches (serving pauses meanwhile).
                     new = await asyncio.to_thread(build_predictor, self.settings, self.device, path)
                     sizes = self.settings.warmup_sizes()
-                    await self.batcher.call_in_worker(warm_at, new, sizes, threads)
+                    await self.batcher.call_in_worker(warm_reloaded, new, sizes, threads)
                 else:  # eager and TorchScript run safely beside a warm-up: no pause in serving
                     new = await asyncio.to_thread(build_predictor, self.settings, self.device, path, threads)
             except (CheckpointError, PrecisionError):
@@ -219,6 +236,10 @@ class ServiceState:
             old, self.predictor = self.predictor, new
             self._publish_model()
             return old, new
+
+    def publish_model(self) -> None:
+        """The served model's info gauge (again after warm-up: --precision auto may change it)."""
+        self._publish_model()
 
     def _publish_model(self) -> None:
         p = self.predictor

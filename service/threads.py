@@ -26,11 +26,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from service.predictor import WarmupStopped
+from service import precision
+from service.predictor import Predictor, WarmupStopped
 
 log = logging.getLogger(__name__)
 LONE_MARGIN = 0.97
@@ -76,17 +78,29 @@ def at_threads(threads: int, fn, *args):  # type: ignore[no-untyped-def]
         torch.set_num_threads(before)
 
 
+@dataclass(frozen=True)
+class ThreadChoice:
+    batch: int  # threads for a batch
+    lone: int  # threads for a lone image
+    took_s: float
+    top: int  # the batch size timed for the batch rule
+
+
+def probe_size(sizes: list[int]) -> int:
+    return max([n for n in sizes if n <= PROBE_MAX] or [min(sizes)])
+
+
 def choose(
     predictor: Runnable, sizes: list[int], all_threads: int, stop: threading.Event | None = None
-) -> tuple[int, int, float]:
-    """(threads for a batch, threads for a lone image, seconds spent). Starts on the current (batch
-    default) thread count and leaves torch on it."""
+) -> ThreadChoice:
+    """Threads for a batch and for a lone image, and the times they were chosen by. Starts on the
+    current (batch default) thread count and leaves torch on it."""
     few = torch.get_num_threads()
     start = time.perf_counter()
     predictor.warmup(sizes, stop)
+    top = probe_size(sizes)
     if all_threads == few:  # pinned with --torch-threads, or a single core
-        return few, few, time.perf_counter() - start
-    top = max([n for n in sizes if n <= PROBE_MAX] or [min(sizes)])
+        return ThreadChoice(few, few, time.perf_counter() - start, top)
     narrow_one, narrow_top = fastest(predictor, 1), fastest(predictor, top)
     at_threads(all_threads, warm_sizes, predictor, sorted({1, top}), stop)  # kernels for that count first
     wide_one = at_threads(all_threads, fastest, predictor, 1)
@@ -101,4 +115,62 @@ def choose(
         top, wide_top * 1e3, all_threads, narrow_top * 1e3, few, batch,
         wide_one * 1e3, narrow_one * 1e3, lone,
     )
-    return batch, lone, time.perf_counter() - start
+    return ThreadChoice(batch, lone, time.perf_counter() - start, top)
+
+
+def fastest_pair(
+    predictor: Predictor, n: int, a: str, b: str, repeats: int = 3, budget_s: float = 2 * TIMING_BUDGET_S
+) -> tuple[float, float]:
+    """Fastest blank batch of n at precision a and at b, the two alternating run by run (drift on a
+    shared machine lands on both), up to `repeats` pairs (at least one) within `budget_s`."""
+    best = {a: float("inf"), b: float("inf")}
+    spent = 0.0
+    for _ in range(repeats):
+        for name in (a, b):
+            predictor.use(name)
+            start = time.perf_counter()
+            predictor.run_blank(n)
+            took = time.perf_counter() - start
+            best[name], spent = min(best[name], took), spent + took
+        if spent >= budget_s:
+            break
+    return best[a], best[b]
+
+
+def settle_precision(
+    predictor: Predictor, sizes: list[int], batch_threads: int, lone_threads: int,
+    stop: threading.Event | None = None, fp32_warm: bool = False,
+) -> precision.Choice:
+    """--precision auto (service/precision.py): probe agreement first (cheap to fail), then fp32 and
+    the candidate timed alternately on a lone image at `lone_threads` and on one batch (the thread
+    rule's, largest warmed size up to 8) at `batch_threads`. fp32's times from the thread choice are
+    not reused: taken seconds earlier, they would carry a shared machine's drift into the ratio.
+    Leaves only the winner in the predictor, warmed at every size at both counts; returns the choice.
+    `fp32_warm`: start-up's thread choice has already warmed fp32 at both counts."""
+    low = predictor.candidate
+    assert low is not None
+    start = time.perf_counter()
+    top = probe_size(sizes)
+    images = precision.probe_images(predictor.input_shape)
+    want = at_threads(batch_threads, predictor.top1, images, "fp32")
+    got = at_threads(batch_threads, predictor.top1, images, low)
+    agreed = int((want == got).sum())
+    if agreed < precision.AGREEMENT_BAR * len(images):
+        choice = precision.Choice("auto", "fp32", f"auto: fp32, {low} top-1 agreed {agreed}/{len(images)} "
+                                  "on the probe images (needs all)")
+    else:
+        for name in (low,) if fp32_warm else ("fp32", low):  # kernels at both counts before timing
+            predictor.use(name)
+            at_threads(lone_threads, warm_sizes, predictor, [1], stop)
+            at_threads(batch_threads, warm_sizes, predictor, [top], stop)
+        fp32_one, low_one = at_threads(lone_threads, fastest_pair, predictor, 1, "fp32", low)
+        fp32_top, low_top = at_threads(batch_threads, fastest_pair, predictor, top, "fp32", low)
+        choice = precision.decide(precision.Measured(low, top, fp32_top, low_top, fp32_one, low_one,
+                                                     agreed, len(images)))
+    predictor.settle(choice)
+    if choice.precision != "fp32":  # fp32 was warm at every size; the winner is at 1 and `top` so far
+        at_threads(batch_threads, predictor.warmup, [n for n in sizes if n != top], stop)
+        if predictor.compile != "off":  # the buckets are every warmed size, as predictor.warmup sets them
+            predictor.buckets = sorted(set(sizes))
+    log.info("precision %s (%.2fs to decide)", choice.reason, time.perf_counter() - start)
+    return choice
