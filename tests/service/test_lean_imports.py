@@ -69,3 +69,19 @@ def test_dynamo_still_works_after_a_deferred_load(torchvision_checkpoint: Path) 
         str(torchvision_checkpoint),
     )
     assert out.split() == ["(1,", "1,", "2,", "2)", "module", "True", "True"]
+
+
+def test_the_service_process_freezes_its_imports(tiny_checkpoint: Path) -> None:
+    """`python -m service` moves the import-time objects out of the collector's view before the app
+    is built (a full collection then scans the model's objects only); create_app is stubbed."""
+    out = _python(
+        "import gc, sys, service.app\n"
+        "def stop(settings):\n"
+        "    print(gc.get_freeze_count() > 100_000)\n"
+        "    raise SystemExit(0)\n"
+        "service.app.create_app = stop\n"
+        "from service.__main__ import main\n"
+        "main(['--checkpoint', sys.argv[1], '--port', '0'])\n",
+        str(tiny_checkpoint),
+    )
+    assert out.split() == ["True"]
