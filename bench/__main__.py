@@ -1,4 +1,4 @@
-"""`python -m bench [--out FILE] [--quick] ...` and `python -m bench soak ...`.
+"""`python -m bench [--out FILE] [--quick] ...`, `python -m bench soak ...`, `python -m bench startup ...`.
 
 The full run takes about 13-15 minutes on 2 cores; `--quick` a few seconds' worth of load (15-40 s
 in all, mostly server start-up). Results: a Markdown report at --out and the raw numbers
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import backends, inputs, protocols, report, run, soak
+from bench import backends, inputs, protocols, report, run, soak, startup
 from model.device import resolve_device
 
 log = logging.getLogger("bench")
@@ -57,7 +57,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--requests", type=int, default=20_000)
     s.add_argument("--arch", default="mobilenet_v3_small")
     s.add_argument("--image-set", default="photo640", choices=sorted(inputs.SETS))
-    s.add_argument("--concurrency", default="16,64", help="comma-separated; alternates per 1000 requests")
+    s.add_argument("--concurrency", default="16,64", help="comma-separated; alternates per chunk")
+    s.add_argument("--chunk", type=int, default=1000, help="requests between two RSS readings")
+    c = sub.add_parser("startup", help="cold start and idle RSS, service vs baseline, alternating rounds")
+    _common(c)
+    c.add_argument("--archs", default="resnet18,convnet", help="comma-separated architectures")
+    c.add_argument("--rounds", type=int, default=3)
+    c.add_argument("--service", action="append", default=[], metavar="NAME=DIR",
+                   help="another service to compare, run from checkout DIR (e.g. a worktree of main)")
     v = sub.add_parser("protocols", help="/v2 binary vs /v1 raw bodies on one service (ratio per round)")
     _common(v)
     v.add_argument("--arch", default="convnet")
@@ -68,7 +75,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     b = sub.add_parser("backends", help="torch/onnxruntime/openvino, fp32/bf16/int8, side by side")
     _common(b)
     backends.add_arguments(b)
-    if not argv or argv[0] not in ("run", "soak", "backends", "protocols", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "soak", "startup", "backends", "protocols", "-h", "--help"):
         argv = ["run", *argv]
     return p.parse_args(argv)
 
@@ -87,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or temp
     ok = False
     try:
+        if args.command == "startup":
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            _startup(args, workdir, command)
+            ok = True
+            return 0
         if args.command == "backends":
             args.out.parent.mkdir(parents=True, exist_ok=True)
             backends.run(args, workdir, command)
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                                        workdir / "checkpoints" / f"{args.arch}.safetensors")
             concs = [int(c) for c in args.concurrency.split(",")]
             res = soak.soak(ckpt, sets[args.image_set], bs.service_env(), workdir / "logs", args.requests,
-                            concs)
+                            concs, chunk=args.chunk)
             text = soak.render(res, f"{args.arch}, {args.image_set}", command)
             service_settings = {**bs.service_env(), "env OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
             text += "\nService settings (others: defaults): " + ", ".join(
@@ -140,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             only = args.only.split(",") if args.only else None
             results = run.run_all(sets, workdir, bs, quick, only, args.trained_checkpoint,
                                   variants=not args.no_variants)
-            args.out.write_text(report.render(results, machine, settings, command))
+            text = report.render(results, machine, settings, command)
+            args.out.write_text(text + "\n".join(startup.scenario_section(results)) + "\n")
             args.out.with_suffix(".json").write_text(
                 json.dumps({"machine": machine, "settings": settings, "results": results}, indent=1))
         log.info("wrote %s", args.out)
@@ -151,6 +164,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.info("kept %s (logs and checkpoints)", temp)
     return 0
+
+
+def _startup(args: argparse.Namespace, workdir: Path, command: str) -> None:
+    """Cold start and idle RSS of each architecture's service and baseline; no images needed."""
+    device = str(resolve_device(args.device))
+    bs = run.BenchSettings(args.torch_threads, args.decode_threads, args.max_batch_size, args.batch_wait_ms,
+                           extra_env=dict(kv.split("=", 1) for kv in args.env), device=device)
+    ckpts = {arch: run.make_checkpoint(arch, 10 if arch == "convnet" else 1000,
+                                       workdir / "checkpoints" / f"{arch}.safetensors")
+             for arch in args.archs.split(",")}
+    others = {name: Path(tree).resolve() for name, tree in (kv.split("=", 1) for kv in args.service)}
+    machine = report.machine_info(device)
+    res = startup.measure(ckpts, bs.service_env(), workdir / "logs", args.rounds, bs.torch_threads, device,
+                          others)
+    machine["loadavg_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    text = startup.render(res, command, machine) + f"\nLoad average at end {machine['loadavg_end']}\n"
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "startup": res}, indent=1))
+    log.info("wrote %s", args.out)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ class Server:
         self.env = env
         self.port = port
         self.log_path = log_dir / f"{name}-{port}.log"
+        self.cwd = REPO  # the source tree `python -m` runs from (another checkout to compare with)
         self.proc: subprocess.Popen[bytes] | None = None
         self.cold_start_s = float("nan")
         self.idle_rss_mb = float("nan")
@@ -100,8 +101,8 @@ class Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as out:
             start = time.perf_counter()
-            self.proc = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         deadline = start + timeout
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:

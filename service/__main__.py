@@ -6,6 +6,7 @@ One worker process by design: it holds one model and one batcher; scale with rep
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import sys
 import types
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convserve-serve: cannot serve --checkpoint: {e}", file=sys.stderr)
         return 2
 
+    # Everything imported so far (~225k objects: modules, classes, functions) lives as long as the
+    # process. Moved out of the collector's view, every full collection gets ~4x cheaper: the one
+    # before ready (service.memory: 0.6 -> 0.15 s for resnet18 on a shared machine) and the ones while
+    # serving alike. Only here, in the process's own entry point: an embedder keeps its collector.
+    gc.freeze()
     app = create_app(settings)
     # uvicorn re-raises the signal that stopped it after a graceful shutdown, so by default the
     # process would die "by SIGTERM". The drain has finished by then: make that a clean exit 0.

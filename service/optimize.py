@@ -39,7 +39,8 @@ def fold_batchnorm(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple
     before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if left == before:  # e.g. conv -> relu -> bn: nothing to fold, keep the original module tree
         return model, None
-    probe = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0))
+    # one image: batch norm in eval mode is per image, so a second one checks nothing more
+    probe = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = model(probe).float().softmax(dim=-1)
         got = fused(probe).float().softmax(dim=-1)

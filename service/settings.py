@@ -90,8 +90,12 @@ class Settings(BaseSettings):
         "faster (below 0.97x: timing noise), batches only below 0.75x, since they run while the decode "
         "threads are busy (service/threads.py; GET /v1/model shows the choice)",
     )
-    warmup: Literal["all", "pow2", "max"] = Field(
-        "pow2", description="batch sizes warmed up before ready: every size, powers of two, or max only"
+    warmup: Literal["auto", "all", "pow2", "max"] = Field(
+        "auto",
+        description="batch sizes warmed up before ready: every size, powers of two, or max only; auto = "
+        "pow2, except for the eager torch model on the CPU, which warms only the sizes the thread timing "
+        "runs (1 and one batch: a size's first batch there costs ~15 ms more than later ones, warming "
+        "it costs the whole batch)",
     )
     ui: bool = Field(True, description="serve the web page at / (--no-ui for API-only deployments)")
     explain_concurrency: int = Field(
@@ -195,7 +199,7 @@ class Settings(BaseSettings):
         top = self.max_batch_size
         if self.warmup == "max":
             return [top]
-        if self.warmup == "pow2":
+        if self.warmup in ("pow2", "auto"):
             sizes = [1 << i for i in range(top.bit_length()) if (1 << i) < top]
             return [*sizes, top]
         return list(range(1, top + 1))

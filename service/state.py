@@ -103,11 +103,13 @@ def warm_reloaded(predictor: Predictor, sizes: list[int], threads_in_use: tuple[
 
 
 def warm_up(
-    predictor: Predictor, sizes: list[int], all_threads: int, stop: threading.Event | None = None
+    predictor: Predictor, sizes: list[int], all_threads: int, stop: threading.Event | None = None,
+    auto: bool = False,
 ) -> tuple[int, int]:
     """Warm every batch size and choose the torch threads for a batch and for a lone image by timing
     them (service.threads). Run it on the thread that will run the model (oneDNN kernels, handles
-    and allocator state are per thread); `stop` ends it early (WarmupStopped) between two sizes."""
+    and allocator state are per thread); `stop` ends it early (WarmupStopped) between two sizes.
+    `auto` (--warmup auto): the eager CPU model warms only the sizes the thread timing runs."""
     few = torch.get_num_threads()
     if predictor.device.type == "cuda":  # the GPU does the math: no CPU thread timing
         n = min(few, CUDA_TORCH_THREADS)
@@ -117,13 +119,19 @@ def warm_up(
         log.info("warm-up of %d batch size(s) on %s took %.2fs; %d torch thread(s), the other cores "
                  "decode", len(sizes), predictor.device, took, n)
         return n, n
-    chosen = threads.choose(predictor, sizes, all_threads, stop)
+    timed_only = auto and predictor.eager_cpu
+    chosen = threads.choose(predictor, sizes, all_threads, stop, timed_only)
     took = chosen.took_s
+    warmed = sorted({1, chosen.top}) if timed_only else sizes
     if getattr(predictor, "candidate", None) is not None:  # --precision auto with a candidate
         start = time.perf_counter()
-        threads.settle_precision(predictor, sizes, chosen.batch, chosen.lone, stop, fp32_warm=True)
+        threads.settle_precision(predictor, warmed, chosen.batch, chosen.lone, stop, fp32_warm=True)
         took += time.perf_counter() - start
-    log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
+    if timed_only:
+        log.info("warm-up (eager CPU: the timed sizes only, --warmup pow2 for every power of two) took %.2fs",
+                 took)
+    else:
+        log.info("warm-up of %d batch size(s) (%d..%d) took %.2fs", len(sizes), min(sizes), max(sizes), took)
     return chosen.batch, chosen.lone
 
 

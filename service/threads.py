@@ -91,14 +91,17 @@ def probe_size(sizes: list[int]) -> int:
 
 
 def choose(
-    predictor: Runnable, sizes: list[int], all_threads: int, stop: threading.Event | None = None
+    predictor: Runnable, sizes: list[int], all_threads: int, stop: threading.Event | None = None,
+    timed_only: bool = False,
 ) -> ThreadChoice:
     """Threads for a batch and for a lone image, and the times they were chosen by. Starts on the
-    current (batch default) thread count and leaves torch on it."""
+    current (batch default) thread count and leaves torch on it. `timed_only`: warm only the sizes the
+    timing runs (1 and the probe batch), where warming the others would cost more than it saves
+    (eager CPU)."""
     few = torch.get_num_threads()
     start = time.perf_counter()
-    predictor.warmup(sizes, stop)
     top = probe_size(sizes)
+    predictor.warmup(sorted({1, top}) if timed_only else sizes, stop)
     if all_threads == few:  # pinned with --torch-threads, or a single core
         return ThreadChoice(few, few, time.perf_counter() - start, top)
     narrow_one, narrow_top = fastest(predictor, 1), fastest(predictor, top)
@@ -108,7 +111,7 @@ def choose(
     lone = all_threads if wide_one < LONE_MARGIN * narrow_one else few
     batch = all_threads if wide_top < BATCH_MARGIN * narrow_top else few
     rest = [n for n in sizes if n not in (1, top)]
-    if batch == all_threads and rest:
+    if batch == all_threads and rest and not timed_only:
         at_threads(all_threads, warm_sizes, predictor, rest, stop)
     log.info(
         "batch of %d: %.1f ms on %d thread(s), %.1f ms on %d -> %d; lone image: %.2f ms vs %.2f ms -> %d",

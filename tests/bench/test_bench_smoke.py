@@ -28,6 +28,7 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = out.read_text()
     assert "| service |" in text and "| baseline |" in text and "In-process bound" in text
+    assert "## Cold start and idle RSS (issue 10)" in text and "| convnet-64 |" in text
     data = json.loads(out.with_suffix(".json").read_text())
     scenario = data["results"]["scenarios"]["convnet-64"]
     assert scenario["bound"]["images_per_s"] > 0

@@ -27,6 +27,7 @@ class TimedModel:
     so the choice is deterministic on a loaded machine); records what it was run at."""
 
     device = torch.device("cpu")  # thread timing is the CPU path (CUDA: test_gpu_paths.py)
+    eager_cpu = True
 
     def __init__(self, cost: dict[tuple[int, int], float], clock: list[float]) -> None:
         self.cost = cost
@@ -96,6 +97,20 @@ def test_timing_is_bounded(one_thread: None, clock: list[float]) -> None:
     assert fake.seen.count((1, 8)) == 2  # warm-up + one timed run
     assert fake.seen.count((1, 1)) == 1 + 3
     assert (1, 16) in fake.seen and (2, 16) not in fake.seen  # 0.8x: batches stay on 1 thread
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_auto_warm_up_runs_only_the_timed_sizes_of_an_eager_cpu_model(
+    one_thread: None, clock: list[float], eager: bool
+) -> None:
+    """--warmup auto: on the eager CPU model a size's first batch costs ~15 ms more than later ones,
+    warming it the whole batch, so only 1 and the probe batch (the timing needs them) are run. A
+    traced/compiled/ONNX model (eager_cpu False) still warms every size (its graphs, its buckets)."""
+    fake = TimedModel({(1, 8): 0.4, (2, 8): 0.2, (1, 1): 0.05, (2, 1): 0.04}, clock)
+    fake.eager_cpu = eager
+    assert warm_up(fake, [1, 2, 4, 8, 16], 2, None, True) == (2, 2)  # type: ignore[arg-type]
+    sizes = {n for _, n in fake.seen}
+    assert sizes == ({1, 8} if eager else {1, 2, 4, 8, 16})
 
 
 def test_pinned_threads_skip_the_timing(one_thread: None, clock: list[float]) -> None:

@@ -1,0 +1,124 @@
+"""`python -m bench startup`: cold start (spawn -> /readyz 200) and idle RSS, service vs baseline.
+
+Each server is started alone (nothing else of ours runs meanwhile), measured, and stopped; within a
+round the order is swapped every round, so slow drift on a shared machine lands on both sides. The
+ratios the issue's targets are about are the medians of each round's own ratio (the service over the
+baseline started right before or after it). `--service NAME=DIR` adds another service, started from a
+different checkout (e.g. a `git worktree` of main), to compare before/after in the same run.
+
+Targets (issue 10): cold start at most 1.5x the baseline's, idle RSS at most the baseline's + 10%.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.servers import REPO, Server, baseline_server, service_server
+
+log = logging.getLogger(__name__)
+COLD_START_TARGET = 1.5  # x the baseline's spawn -> ready
+RSS_TARGET = 1.10  # x the baseline's idle RSS
+
+
+def measure(ckpts: dict[str, Path], env: dict[str, str], logs: Path, rounds: int, torch_threads: int = 0,
+            device: str = "cpu", services: dict[str, Path] | None = None) -> dict[str, Any]:
+    """{model: {"runs": [{round, server, cold_start_s, idle_rss_mb}], "summary": {...}}}."""
+    trees = {"service": REPO, **(services or {})}
+    out: dict[str, Any] = {}
+    for model, ckpt in ckpts.items():
+        runs: list[dict[str, Any]] = []
+        for rnd in range(rounds):
+            names = ["baseline", *trees]
+            for name in names if rnd % 2 == 0 else names[::-1]:
+                if name == "baseline":
+                    server = baseline_server(ckpt, torch_threads, logs, device)
+                else:
+                    server = service_server(ckpt, env, logs, name=name)
+                    server.cwd = trees[name]
+                runs.append({"round": rnd, "server": name, **_once(server)})
+        out[model] = {"runs": runs, "summary": summarise(runs)}
+    return out
+
+
+def _once(server: Server) -> dict[str, float]:
+    server.start()
+    try:
+        return {"cold_start_s": server.cold_start_s, "idle_rss_mb": server.idle_rss_mb}
+    finally:
+        server.stop()
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per server: median cold start and idle RSS, and the median over rounds of each round's ratio
+    to the baseline's."""
+    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        by_round.setdefault(r["round"], {})[r["server"]] = r
+    out: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(r["server"] for r in runs):
+        mine = [r for r in runs if r["server"] == name]
+        row = {key: statistics.median(r[key] for r in mine) for key in ("cold_start_s", "idle_rss_mb")}
+        for key, ratio in (("cold_start_s", "cold_start_x"), ("idle_rss_mb", "idle_rss_x")):
+            pairs = [d[name][key] / d["baseline"][key] for d in by_round.values()
+                     if name in d and "baseline" in d and d["baseline"][key]]
+            row[ratio] = statistics.median(pairs) if pairs else float("nan")
+        out[name] = row
+    return out
+
+
+def render(res: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
+    lines = [
+        "# Cold start and idle RSS: service vs baseline",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores; load average at start "
+        f"{machine['loadavg_start']}",
+        "",
+        "Each server started alone, spawn -> first /readyz 200, RSS 0.5 s later; order swapped every "
+        "round; `x baseline` = median of the per-round ratios.",
+        "",
+    ]
+    lines += table(res)
+    return "\n".join(lines) + "\n"
+
+
+def table(res: dict[str, Any]) -> list[str]:
+    lines = [
+        f"| model | server | rounds | cold start s | x baseline (target ≤ {COLD_START_TARGET}) "
+        f"| idle RSS MiB | x baseline (target ≤ {RSS_TARGET:.2f}) | met |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for model, m in res.items():
+        rounds = len({r["round"] for r in m["runs"]})
+        for name, s in m["summary"].items():
+            base = name == "baseline"
+            met = "" if base else ("yes" if s["cold_start_x"] <= COLD_START_TARGET
+                                   and s["idle_rss_x"] <= RSS_TARGET else "NO")
+            lines.append(
+                f"| {model} | {name} | {rounds} | {s['cold_start_s']:.1f} | {s['cold_start_x']:.2f} "
+                f"| {s['idle_rss_mb']:.0f} | {s['idle_rss_x']:.2f} | {met} |"
+            )
+    return lines
+
+
+def scenario_section(results: dict[str, Any]) -> list[str]:
+    """For `python -m bench`'s report: each scenario's single start of each server against the
+    targets (one sample each: `python -m bench startup` measures them in alternating rounds)."""
+    lines = ["", "## Cold start and idle RSS (issue 10)", "",
+             "One start per server and scenario (servers started one at a time); "
+             "`python -m bench startup` repeats it in alternating rounds.", "",
+             "| scenario | service cold start s | baseline s | x baseline | service idle RSS MiB "
+             "| baseline MiB | x baseline | met |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for key, sc in results.get("scenarios", {}).items():
+        s, b = sc["servers"].get("service"), sc["servers"].get("baseline")
+        if not s or not b:
+            continue
+        cx = s["cold_start_s"] / b["cold_start_s"] if b["cold_start_s"] else float("nan")
+        rx = s["idle_rss_mb"] / b["idle_rss_mb"] if b["idle_rss_mb"] else float("nan")
+        met = "yes" if cx <= COLD_START_TARGET and rx <= RSS_TARGET else "NO"
+        lines.append(f"| {key} | {s['cold_start_s']:.1f} | {b['cold_start_s']:.1f} | {cx:.2f} "
+                     f"| {s['idle_rss_mb']:.0f} | {b['idle_rss_mb']:.0f} | {rx:.2f} | {met} |")
+    return lines
