@@ -55,57 +55,19 @@ def _unready(st: ServiceState) -> ServiceError | None:
     return None
 
 
-@router.get("/v2", summary="Server metadata: name, version, extensions")
-async def server_metadata() -> dict[str, Any]:
-    return v2.server_metadata(_VERSION)
-
-
-@router.get("/v2/health/live", summary="Server live (200 while the process answers)")
-async def live(request: Request) -> JSONResponse:
-    st = get_state(request)
-    if st.device_failed:  # the process runs but can never serve again: restart it
-        raise ServiceError("device_failed", st.device_failed)
-    if st.failed:
-        raise ServiceError("warmup_failed", st.failed)
-    return JSONResponse({"live": True})
-
-
-@router.get("/v2/health/ready", summary="Server ready: 200 only once warmed up and not draining")
-async def ready(request: Request) -> JSONResponse:
-    err = _unready(get_state(request))
-    if err is not None:
-        raise err
-    return JSONResponse({"ready": True})
-
-
-@router.get("/v2/models/{name}", summary="Model metadata (the checkpoint's name and version)")
-@router.get("/v2/models/{name}/versions/{model_version}", summary="Model metadata for one version")
-async def model_metadata(request: Request, name: str, model_version: str | None = None) -> dict[str, Any]:
-    p = _model(get_state(request), name, model_version)
-    return v2.model_metadata(p.name, p.version, p.input_shape, len(p.labels))
-
-
-@router.get("/v2/models/{name}/ready", summary="Model ready")
-@router.get("/v2/models/{name}/versions/{model_version}/ready", summary="Model version ready")
-async def model_ready(request: Request, name: str, model_version: str | None = None) -> JSONResponse:
-    st = get_state(request)
-    p = _model(st, name, model_version)
-    err = _unready(st)
-    if err is not None:
-        raise err
-    return JSONResponse({"name": p.name, "ready": True})
-
-
+# The infer routes are registered first (and routes.install puts this router right after /v1's):
+# FastAPI matches routes in order, and walking the other /v2 templates cost an infer request
+# ~50 us of regex matching and scope bookkeeping, a sixth of its gap to /v1 at one client.
 @router.post(
-    "/v2/models/{name}/infer",
-    summary="Inference (JSON, or JSON + binary tensors)",
+    "/v2/models/{name}/versions/{model_version}/infer",
+    summary="Inference on one model version",
     openapi_extra=V2_INFER_BODY,
     responses=V2_RESPONSES,
     response_class=Response,
 )
 @router.post(
-    "/v2/models/{name}/versions/{model_version}/infer",
-    summary="Inference on one model version",
+    "/v2/models/{name}/infer",
+    summary="Inference (JSON, or JSON + binary tensors)",
     openapi_extra=V2_INFER_BODY,
     responses=V2_RESPONSES,
     response_class=Response,
@@ -149,3 +111,44 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
         response = Response(content, media_type="application/octet-stream", headers=headers)
     pipeline.observe_response(st, t_done)
     return response
+
+
+@router.get("/v2", summary="Server metadata: name, version, extensions")
+async def server_metadata() -> dict[str, Any]:
+    return v2.server_metadata(_VERSION)
+
+
+@router.get("/v2/health/live", summary="Server live (200 while the process answers)")
+async def live(request: Request) -> JSONResponse:
+    st = get_state(request)
+    if st.device_failed:  # the process runs but can never serve again: restart it
+        raise ServiceError("device_failed", st.device_failed)
+    if st.failed:
+        raise ServiceError("warmup_failed", st.failed)
+    return JSONResponse({"live": True})
+
+
+@router.get("/v2/health/ready", summary="Server ready: 200 only once warmed up and not draining")
+async def ready(request: Request) -> JSONResponse:
+    err = _unready(get_state(request))
+    if err is not None:
+        raise err
+    return JSONResponse({"ready": True})
+
+
+@router.get("/v2/models/{name}", summary="Model metadata (the checkpoint's name and version)")
+@router.get("/v2/models/{name}/versions/{model_version}", summary="Model metadata for one version")
+async def model_metadata(request: Request, name: str, model_version: str | None = None) -> dict[str, Any]:
+    p = _model(get_state(request), name, model_version)
+    return v2.model_metadata(p.name, p.version, p.input_shape, len(p.labels))
+
+
+@router.get("/v2/models/{name}/ready", summary="Model ready")
+@router.get("/v2/models/{name}/versions/{model_version}/ready", summary="Model version ready")
+async def model_ready(request: Request, name: str, model_version: str | None = None) -> JSONResponse:
+    st = get_state(request)
+    p = _model(st, name, model_version)
+    err = _unready(st)
+    if err is not None:
+        raise err
+    return JSONResponse({"name": p.name, "ready": True})
