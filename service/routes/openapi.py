@@ -156,6 +156,15 @@ V2_INFER_BODY: dict[str, Any] = {
         }
     ],
 }
+
+
+def v2_infer_body(*path_params: str) -> dict[str, Any]:
+    """V2_INFER_BODY plus the route's path parameters: the infer handler reads them from the scope
+    instead of declaring them, so FastAPI documents them only from here."""
+    params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in path_params]
+    return {**V2_INFER_BODY, "parameters": [*params, *V2_INFER_BODY["parameters"]]}
+
+
 V2_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The inference response (JSON; with binary outputs the JSON header, then the tensor "

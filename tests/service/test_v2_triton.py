@@ -151,6 +151,8 @@ def test_errors(server: LiveServer, client: httpclient.InferenceServerClient) ->
     with pytest.raises(InferenceServerException, match="no version") as e:
         client.infer(MODEL, [_bytes_input(files[:1], True)], model_version="7")
     assert e.value.status() == "404"
+    versioned = client.infer(MODEL, [_bytes_input(files[:1], True)], model_version="1")
+    assert versioned.get_response()["model_version"] == "1"  # .../versions/1/infer: the path's version
     wrong_type = httpclient.InferInput("input", [1, 3, 32, 32], "INT32")
     wrong_type.set_data_from_numpy(np.zeros((1, 3, 32, 32), dtype=np.int32))
     bad_before = rejected(server, "bad_request", "v2")
