@@ -4,8 +4,8 @@ a documented status code, a documented Content-Type and a body that matches the 
 
 One pytest item per operation, so `--hypothesis-show-statistics` prints each one's example count.
 (schemathesis's own `schema.parametrize()` runs them as subtests of one item, and in 4.32 it fails
-under pytest 9.2: it reads `Function._nodeid`, which pytest removed; `as_strategy` is its public
-building block and is what that runner uses underneath.)
+under pytest 9.2: it reads `Function._nodeid`, which pytest removed. `APIOperation.as_strategy` is
+its public building block for plain hypothesis tests.)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ ADMIN_KEY = "schemathesis-admin-key"
 MODEL = "tiny"  # make_checkpoint's name and version: /v2 paths that name it reach the model
 VERSION = "1"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-# Bounded: 30 examples an operation (17 operations, ~25-40 s on 2 shared cores). No hypothesis
+# Bounded: 30 examples an operation (18 operations, 24-50 s on 2 shared cores). No hypothesis
 # deadline: a per-example time limit is a timed assertion on a shared machine; pytest-timeout and
 # the per-request timeout below bound the time instead.
 EXAMPLES = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
