@@ -16,24 +16,12 @@ from model.checkpoint import CheckpointError
 from service.errors import ImageError
 from service.http_errors import ServiceError
 from service.predictor import PrecisionError
+from service.routes.openapi import RELOAD_BODY, RELOAD_RESPONSES
 from service.state import get_state
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["admin"])
 _MAX_BODY = 64 * 1024
-
-RELOAD_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": False,
-        "description": "Optional; without a body the configured checkpoint path is reloaded.",
-        "content": {
-            "application/json": {
-                "schema": {"type": "object", "properties": {"checkpoint": {"type": "string"}}},
-                "example": {"checkpoint": "runs/v2/model.safetensors"},
-            }
-        },
-    }
-}
 
 
 def _authorise(key: str | None, given: str | None) -> None:
@@ -71,6 +59,7 @@ async def _checkpoint_path(request: Request, default: Path) -> Path:
     "/v1/model/reload",
     summary="Load, validate and warm a checkpoint, then swap it in",
     openapi_extra=RELOAD_BODY,
+    responses=RELOAD_RESPONSES,
 )
 async def reload_model(
     request: Request, x_api_key: Annotated[str | None, Header(description="the admin API key")] = None

@@ -20,28 +20,11 @@ from service.heatmaps import upsample
 from service.http_errors import ServiceError
 from service.inputs import Upload, check_declared_length, parse_body, read_limited
 from service.predictor import Predictor
+from service.routes.openapi import EXPLAIN_RESPONSES, FEATURES_RESPONSES, IMAGE_BODY
 from service.state import get_state
 
 router = APIRouter(tags=["explain"])
 RETRY = {"Retry-After": "1"}
-_IMAGE_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "One image, as for /v1/predict: raw body, a multipart file, or JSON base64.",
-        "content": {
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"images": {"type": "array", "items": {"type": "string"}}},
-                }
-            },
-        },
-    }
-}
 
 
 def explainer(request: Request) -> Explainer:
@@ -126,7 +109,10 @@ def _wants_png(request: Request) -> bool:
 
 
 @router.post(
-    "/v1/explain", summary="Grad-CAM: where the model looked for a class", openapi_extra=_IMAGE_BODY,
+    "/v1/explain",
+    summary="Grad-CAM: where the model looked for a class",
+    openapi_extra=IMAGE_BODY,
+    responses=EXPLAIN_RESPONSES,
     response_class=Response,
 )
 async def explain(
@@ -171,7 +157,10 @@ async def explain(
 
 
 @router.post(
-    "/v1/features", summary="Feature maps of a convolution (default: the first)", openapi_extra=_IMAGE_BODY,
+    "/v1/features",
+    summary="Feature maps of a convolution (default: the first)",
+    openapi_extra=IMAGE_BODY,
+    responses=FEATURES_RESPONSES,
     response_class=Response,
 )
 async def features(

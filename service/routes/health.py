@@ -8,12 +8,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service.routes.handlers import error_response
+from service.routes.openapi import HEALTHZ_RESPONSES, METRICS_RESPONSES, READYZ_RESPONSES
 from service.state import get_state
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="Liveness: the process answers (also while warming up)")
+@router.get(
+    "/healthz", summary="Liveness: the process answers (also while warming up)", responses=HEALTHZ_RESPONSES
+)
 async def healthz(request: Request) -> JSONResponse:
     st = get_state(request)
     if st.failed:  # the process is stopping; an orchestrator should replace it
@@ -23,7 +26,9 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz", summary="Readiness: model loaded and warmed up, not draining")
+@router.get(
+    "/readyz", summary="Readiness: model loaded and warmed up, not draining", responses=READYZ_RESPONSES
+)
 async def readyz(request: Request) -> JSONResponse:
     st = get_state(request)
     if st.failed:  # checked first: a failed warm-up also drains (it stops the server)
@@ -37,6 +42,11 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "model": st.predictor.model_ref()})
 
 
-@router.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text format)",
+    response_class=Response,
+    responses=METRICS_RESPONSES,
+)
 async def metrics(request: Request) -> Response:
     return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from starlette.requests import Request
 
 from model.device import tf32_state
+from service.routes.openapi import MODEL_RESPONSES
 from service.state import get_state
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -34,7 +35,11 @@ def parameter_count(path: Path, sha256: str) -> int | None:
 router = APIRouter(tags=["model"])
 
 
-@router.get("/v1/model", summary="The served model: classes, preprocessing, checkpoint, device, precision")
+@router.get(
+    "/v1/model",
+    summary="The served model: classes, preprocessing, checkpoint, device, precision",
+    responses=MODEL_RESPONSES,
+)
 async def model_info(request: Request) -> dict[str, Any]:
     st = get_state(request)
     s = st.settings

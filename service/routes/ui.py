@@ -16,6 +16,7 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from service.http_errors import ServiceError
+from service.routes.openapi import SAMPLES_RESPONSES
 from service.state import get_state
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
@@ -29,6 +30,9 @@ CSP = (
 
 router = APIRouter(include_in_schema=False)
 page_router = APIRouter(include_in_schema=False)
+# An API resource, unlike the page and /docs: in the OpenAPI document (a route's include_in_schema=True
+# cannot undo its router's False, so it has a router of its own).
+samples_router = APIRouter(tags=["model"])
 
 
 @page_router.get("/")
@@ -37,12 +41,11 @@ async def index() -> Response:
     return FileResponse(UI_DIR / "index.html", media_type="text/html", headers=headers)
 
 
-@router.get(
+@samples_router.get(
     "/v1/model/samples.png",
-    include_in_schema=True,
-    tags=["model"],
     summary="The training run's sample predictions (samples.png beside the checkpoint), 404 when absent",
     response_class=Response,
+    responses=SAMPLES_RESPONSES,
 )
 async def samples(request: Request) -> Response:
     path = get_state(request).predictor.path.parent / "samples.png"
@@ -71,6 +74,7 @@ async def docs_redirect() -> HTMLResponse:
 
 def install(app: FastAPI, ui: bool) -> None:
     app.include_router(router)
+    app.include_router(samples_router)
     app.mount(SWAGGER_URL, StaticFiles(directory=SWAGGER_DIR), name="docs-assets")
     if ui:
         app.include_router(page_router)

@@ -19,7 +19,15 @@ from service.http_errors import ServiceError
 from service.inputs import check_declared_length, read_limited
 from service.predictor import Predictor
 from service.protocols import v2
-from service.routes.openapi import V2_RESPONSES, v2_infer_body
+from service.routes.openapi import (
+    V2_LIVE_RESPONSES,
+    V2_MODEL_READY_RESPONSES,
+    V2_MODEL_RESPONSES,
+    V2_READY_RESPONSES,
+    V2_RESPONSES,
+    V2_SERVER_RESPONSES,
+    v2_infer_body,
+)
 from service.state import ServiceState, get_state
 
 router = APIRouter(tags=["v2 (Open Inference Protocol)"])
@@ -119,12 +127,14 @@ async def infer(request: Request) -> Response:
     return response
 
 
-@router.get("/v2", summary="Server metadata: name, version, extensions")
+@router.get("/v2", summary="Server metadata: name, version, extensions", responses=V2_SERVER_RESPONSES)
 async def server_metadata() -> dict[str, Any]:
     return v2.server_metadata(_VERSION)
 
 
-@router.get("/v2/health/live", summary="Server live (200 while the process answers)")
+@router.get(
+    "/v2/health/live", summary="Server live (200 while the process answers)", responses=V2_LIVE_RESPONSES
+)
 async def live(request: Request) -> JSONResponse:
     st = get_state(request)
     if st.device_failed:  # the process runs but can never serve again: restart it
@@ -134,7 +144,11 @@ async def live(request: Request) -> JSONResponse:
     return JSONResponse({"live": True})
 
 
-@router.get("/v2/health/ready", summary="Server ready: 200 only once warmed up and not draining")
+@router.get(
+    "/v2/health/ready",
+    summary="Server ready: 200 only once warmed up and not draining",
+    responses=V2_READY_RESPONSES,
+)
 async def ready(request: Request) -> JSONResponse:
     err = _unready(get_state(request))
     if err is not None:
@@ -142,15 +156,27 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": True})
 
 
-@router.get("/v2/models/{name}", summary="Model metadata (the checkpoint's name and version)")
-@router.get("/v2/models/{name}/versions/{model_version}", summary="Model metadata for one version")
+@router.get(
+    "/v2/models/{name}",
+    summary="Model metadata (the checkpoint's name and version)",
+    responses=V2_MODEL_RESPONSES,
+)
+@router.get(
+    "/v2/models/{name}/versions/{model_version}",
+    summary="Model metadata for one version",
+    responses=V2_MODEL_RESPONSES,
+)
 async def model_metadata(request: Request, name: str, model_version: str | None = None) -> dict[str, Any]:
     p = _model(get_state(request), name, model_version)
     return v2.model_metadata(p.name, p.version, p.input_shape, len(p.labels))
 
 
-@router.get("/v2/models/{name}/ready", summary="Model ready")
-@router.get("/v2/models/{name}/versions/{model_version}/ready", summary="Model version ready")
+@router.get("/v2/models/{name}/ready", summary="Model ready", responses=V2_MODEL_READY_RESPONSES)
+@router.get(
+    "/v2/models/{name}/versions/{model_version}/ready",
+    summary="Model version ready",
+    responses=V2_MODEL_READY_RESPONSES,
+)
 async def model_ready(request: Request, name: str, model_version: str | None = None) -> JSONResponse:
     st = get_state(request)
     p = _model(st, name, model_version)
