@@ -103,7 +103,8 @@ if __name__ == "__main__":
 
 
 class Worker:
-    """The benchmark's side: one worker process per variant, alive for all rounds of one model."""
+    """The benchmark's side: one worker process per variant, alive for all rounds of one model.
+    Starting it returns at once; `wait_ready` waits for the load and warm-up."""
 
     def __init__(self, checkpoint: Path, runtime: str, precision: str, images: Path, sizes: list[int],
                  threads: int, cache_dir: Path, log_path: Path) -> None:
@@ -122,7 +123,14 @@ class Worker:
             self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=err, text=True,
                                          preexec_fn=_die_with_parent)
-        self.ready = self._read()
+        self.ready: dict[str, Any] = {}
+
+    def wait_ready(self) -> dict[str, Any]:
+        """The worker's first line (it has loaded and warmed up). Separate from starting it, so that a
+        benchmark can start every worker at once: their start-up is not what is measured."""
+        if not self.ready:
+            self.ready = self._read()
+        return self.ready
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None

@@ -105,7 +105,9 @@ def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, 
             workers[(runtime, precision)] = Worker(
                 path, runtime, "bf16" if precision == "bf16" else "fp32", images, sizes, threads,
                 workdir / "cache", workdir / "logs" / f"worker-{arch}-{runtime}-{precision}.log")
-            workers[(runtime, precision)].settle()
+        for w in workers.values():  # all loading at once (each is single-threaded for most of it)
+            w.wait_ready()
+            w.settle()
         top1 = {key: w.ask({"top1": True})["top1"] for key, w in workers.items()}
         rates: dict[tuple[str, str, int], list[float]] = {}
         after: dict[tuple[str, str], list[float]] = {}
