@@ -36,6 +36,9 @@ import torch
 
 from bench.servers import rss_mb
 
+# What libgomp saw when torch loaded it above (importing service sets the variable too, but later).
+OMP_AT_TORCH_IMPORT = os.environ.get("OMP_WAIT_POLICY", "")
+
 
 def measure(predictor: Any, images: list[torch.Tensor], batch: int, min_s: float) -> dict[str, Any]:
     """Forward passes of `batch` images (the benchmark images, repeated) until at least min_s seconds
@@ -69,7 +72,7 @@ def serve(args: argparse.Namespace, out: IO[str]) -> None:
     predictor.warmup(sizes)
     ready = {"ready": True, "load_s": time.perf_counter() - start, "rss_mb": rss_mb(os.getpid()),
              "torch_threads": torch.get_num_threads(), "precision": predictor.precision,
-             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+             "omp_wait_policy": OMP_AT_TORCH_IMPORT}
     print(json.dumps(ready), file=out, flush=True)
     for line in sys.stdin:
         req = json.loads(line)

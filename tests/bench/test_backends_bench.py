@@ -4,7 +4,6 @@ process protocol (a real worker on a tiny checkpoint; only that it answers, neve
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -109,18 +108,17 @@ def test_render_has_every_table_with_one_row_per_variant() -> None:
 
 
 @pytest.mark.slow  # a real worker process: torch's import and a model load
-def test_worker_process_answers_rates_and_labels(tmp_path: Path) -> None:
+def test_worker_process_answers_rates_and_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = make_checkpoint(tmp_path / "tiny.safetensors")
     images = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8) for _ in range(5)]
     pt = tmp_path / "images.pt"
     torch.save({"images": images[:3], "eval": images}, pt)
-    env_before = os.environ.get("OMP_WAIT_POLICY")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # importing service set it in this process
     w = Worker(ckpt, "torch", "fp32", pt, [1, 4], 1, tmp_path / "cache", tmp_path / "worker.log")
     try:
         w.wait_ready()
         assert w.ready["ready"] and w.ready["torch_threads"] == 1 and w.ready["rss_mb"] > 0
-        # the service's wait policy unless the caller chose one
-        assert w.ready["omp_wait_policy"] == (env_before or "PASSIVE")
+        assert w.ready["omp_wait_policy"] == "PASSIVE"  # the service's, though this process had none
         answer = w.ask({"batch": 4, "min_s": 0.0})
         assert answer["calls"] == 2 and answer["images_per_s"] > 0 and answer["torch_threads"] == 1
         labels = w.ask({"top1": True})["top1"]
