@@ -7,10 +7,19 @@ beside it (same name, .json).
 
 from __future__ import annotations
 
+import os
+
+# The service sets OMP_WAIT_POLICY=PASSIVE for itself (service/__init__.py); the baseline and the
+# in-process bound inherit this process's environment, so they get the same OpenMP wait policy and
+# the comparison is about serving, not about one libgomp variable (spinning costs them up to 9x
+# on a shared 2-core machine). An explicit value in the environment wins. Set before the imports
+# below: they import torch, and libgomp reads its environment once, when torch loads it (set in
+# main(), it came too late for anything torch ran in this process: the matmul peak of `backends`).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import logging
-import os
 import shlex
 import shutil
 import sys
@@ -83,11 +92,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    # The service sets OMP_WAIT_POLICY=PASSIVE for itself (service/__init__.py); the baseline and the
-    # in-process bound inherit this process's environment, so they get the same OpenMP wait policy and
-    # the comparison is about serving, not about one libgomp variable (spinning costs them up to 9x
-    # on a shared 2-core machine). An explicit value in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
     temp = Path(tempfile.mkdtemp(prefix="convserve-bench-"))

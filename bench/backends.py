@@ -11,8 +11,10 @@ backend's cold start and idle RSS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +22,8 @@ from typing import Any
 
 import torch
 
+from bench.backend_worker import Worker
+from bench.image_size import backend_sizes
 from bench.inputs import generate
 from bench.loadgen import build_request, load
 from bench.peak import peak_gflops
@@ -30,6 +34,7 @@ VARIANTS = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("ope
             ("onnxruntime", "int8"), ("openvino", "int8")]
 ARCHS = {"convnet": "small64", "resnet18": "photo640", "mobilenet_v3_small": "photo640"}
 HOST = "127.0.0.1"
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def model_gflop(model: torch.nn.Module, shape: tuple[int, int, int]) -> float:
@@ -65,57 +70,89 @@ def prepare(arch: str, workdir: Path, bodies: list[bytes], trained: Path | None)
 
 
 def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, rounds: int,
-               peaks: dict[str, float]) -> list[dict[str, Any]]:
-    from service.predictor import Predictor
-
-    torch.set_num_threads(threads)
-    cpu = torch.device("cpu")
-    predictors = {}
-    for runtime, precision in VARIANTS:
-        path = prep["int8"] if precision == "int8" else prep["checkpoint"]
-        p = Predictor.load(path, cpu, runtime=runtime, precision="bf16" if precision == "bf16" else "fp32")
-        p.warmup(sizes)
-        predictors[(runtime, precision)] = p
-    reference = predictors[("torch", "fp32")].forward(prep["eval"]).argmax(dim=1)
-    rates: dict[tuple[str, str, int], list[float]] = {}
-    for _ in range(rounds):
-        for b in sizes:
-            batch = (prep["images"] * (b // len(prep["images"]) + 1))[:b]
-            reps = max(2, 32 // b)
-            for key, p in predictors.items():  # alternating: every variant once per round
-                start = time.perf_counter()
-                for _ in range(reps):
-                    p.forward(batch)
-                rates.setdefault((*key, b), []).append(reps * b / (time.perf_counter() - start))
+               workdir: Path, min_s: float) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """Every variant in a worker process of its own (bench/backend_worker.py says why), all alive, asked
+    in turn: per round the matmul peak here, then each batch size on each variant, the order rotated
+    each round; after each call the worker is left to go idle before the next one runs."""
+    images = workdir / f"{arch}-images.pt"
+    torch.save({"images": prep["images"], "eval": prep["eval"]}, images)
+    workers: dict[tuple[str, str], Worker] = {}
+    try:
+        for runtime, precision in VARIANTS:
+            path = prep["int8"] if precision == "int8" else prep["checkpoint"]
+            workers[(runtime, precision)] = Worker(
+                path, runtime, "bf16" if precision == "bf16" else "fp32", images, sizes, threads,
+                workdir / "cache", workdir / "logs" / f"worker-{arch}-{runtime}-{precision}.log")
+        for w in workers.values():  # all loading at once (each is single-threaded for most of it)
+            w.wait_ready()
+            w.settle()
+        top1 = {key: w.ask({"top1": True})["top1"] for key, w in workers.items()}
+        rates: dict[tuple[str, str, int], list[float]] = {}
+        after: dict[tuple[str, str], list[float]] = {}
+        peaks = []
+        for r in range(rounds):
+            peaks.append(peak_gflops(threads))
+            keys = list(workers)
+            keys = keys[r % len(keys):] + keys[: r % len(keys)]  # no variant always follows the same one
+            for b in sizes:
+                for key in keys:
+                    answer = workers[key].ask({"batch": b, "min_s": min_s})
+                    rates.setdefault((*key, b), []).append(answer["images_per_s"])
+                    after.setdefault(key, []).append(workers[key].settle())
+        ready = {key: w.ready for key, w in workers.items()}
+    finally:
+        for w in workers.values():
+            w.close()
+    peak = {name: statistics.median(p[name] for p in peaks) for name in peaks[0]}
+    reference = top1[("torch", "fp32")]
     rows = []
-    for (runtime, precision), p in predictors.items():
-        agree = float((p.forward(prep["eval"]).argmax(dim=1) == reference).float().mean())
+    for runtime, precision in workers:
+        labels = top1[(runtime, precision)]
+        agree = sum(a == b for a, b in zip(labels, reference, strict=True)) / len(reference)
         for b in sizes:
             ips = statistics.median(rates[(runtime, precision, b)])
             base = statistics.median(rates[("torch", "fp32", b)])
             rows.append({"arch": arch, "runtime": runtime, "precision": precision, "batch": b,
                          "images_per_s": ips, "vs_torch_fp32": ips / base,
-                         "peak_share": ips * prep["gflop"] / peaks[precision], "top1_agreement": agree})
-    return rows
+                         "rounds": rates[(runtime, precision, b)],
+                         "peak_share": ips * prep["gflop"] / peak[precision], "top1_agreement": agree,
+                         "cpu_after_call_s": statistics.median(after[(runtime, precision)]),
+                         "worker_rss_mb": ready[(runtime, precision)]["rss_mb"]})
+    return rows, peaks
 
 
 def through_service(arch: str, prep: dict[str, Any], bodies: list[bytes], workdir: Path, clients: int,
-                    requests: int, threads: int, max_batch: int) -> list[dict[str, Any]]:
-    rows = []
-    for runtime, precision in VARIANTS:
-        path = prep["int8"] if precision == "int8" else prep["checkpoint"]
-        settings = {"runtime": runtime, "precision": "bf16" if precision == "bf16" else "fp32",
-                    "max_batch_size": str(max_batch), "export_cache_dir": str(workdir / "cache")}
-        if threads:
-            settings["torch_threads"] = str(threads)
-        with service_server(path, settings, workdir, name=f"{arch}-{runtime}-{precision}") as server:
-            reqs = [build_request(HOST, server.port, "/v1/predict", b, "image/jpeg") for b in bodies]
-            load(HOST, server.port, reqs, clients, clients * 2)  # warm the connections
-            result = load(HOST, server.port, reqs, clients, requests)
-            rows.append({"arch": arch, "runtime": runtime, "precision": precision, "clients": clients,
-                         "rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-                         "errors": result.errors, "cold_start_s": server.cold_start_s,
-                         "idle_rss_mb": server.idle_rss_mb})
+                    requests: int, threads: int, max_batch: int, rounds: int) -> list[dict[str, Any]]:
+    """One service per variant, started one after another (cold start and idle RSS read while the
+    others sit idle), all kept up and loaded in turn for `rounds` rounds of `requests` each."""
+    servers = {}
+    with contextlib.ExitStack() as stack:
+        for runtime, precision in VARIANTS:
+            path = prep["int8"] if precision == "int8" else prep["checkpoint"]
+            settings = {"runtime": runtime, "precision": "bf16" if precision == "bf16" else "fp32",
+                        "max_batch_size": str(max_batch), "export_cache_dir": str(workdir / "cache")}
+            if threads:
+                settings["torch_threads"] = str(threads)
+            server = service_server(path, settings, workdir / "logs", name=f"{arch}-{runtime}-{precision}")
+            servers[(runtime, precision)] = stack.enter_context(server)
+        reqs = {key: [build_request(HOST, s.port, "/v1/predict", b, "image/jpeg") for b in bodies]
+                for key, s in servers.items()}
+        for key, s in servers.items():
+            load(HOST, s.port, reqs[key], clients, clients * 2)  # warm the connections
+        results: dict[tuple[str, str], list[Any]] = {key: [] for key in servers}
+        for rnd in range(rounds):
+            keys = list(servers)
+            for key in keys[rnd % len(keys):] + keys[: rnd % len(keys)]:
+                results[key].append(load(HOST, servers[key].port, reqs[key], clients, requests))
+    rows: list[dict[str, Any]] = []
+    for (runtime, precision), res in results.items():
+        server = servers[(runtime, precision)]
+        rows.append({"arch": arch, "runtime": runtime, "precision": precision, "clients": clients,
+                     "rps": statistics.median(x.rps for x in res), "rounds": [x.rps for x in res],
+                     "p50_ms": statistics.median(x.p50_ms for x in res),
+                     "p99_ms": statistics.median(x.p99_ms for x in res),
+                     "errors": sum(x.errors for x in res), "cold_start_s": server.cold_start_s,
+                     "idle_rss_mb": server.idle_rss_mb})
     base = next(r["rps"] for r in rows if r["runtime"] == "torch" and r["precision"] == "fp32")
     for r in rows:
         r["vs_torch_fp32"] = r["rps"] / base
@@ -125,9 +162,11 @@ def through_service(arch: str, prep: dict[str, Any], bodies: list[bytes], workdi
 def render(result: dict[str, Any]) -> str:
     peaks = result["peak_gflops"]
     lines = [
-        f"command: `{result['command']}`", f"CPU: {result['cpu']}, {result['threads']} thread(s); "
-        f"peak matmul 2048^3: fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f}, int8 {peaks['int8']:.0f} "
-        "GFLOP/s (GOP/s) in the same run. Shared machine: numbers are indicative only.", "",
+        f"command: `{result['command']}` ({result.get('minutes', float('nan')):.1f} min)",
+        f"CPU: {result['cpu']}, {result['threads']} thread(s), load average {result.get('load', '?')}; "
+        f"peak matmul 2048^3 (median of every round): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f}, "
+        f"int8 {peaks['int8']:.0f} GFLOP/s (GOP/s) in the same run.", "",
+        "Model-only (one worker process per variant, alternating rounds, medians):", "",
         "| model | runtime | precision | batch | images/s | x torch fp32 | share of peak | top-1 agreement |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -136,14 +175,27 @@ def render(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(str(r[k]) for k in cells) + f" | {r['images_per_s']:.1f} "
                      f"| {r['vs_torch_fp32']:.2f} | {100 * r['peak_share']:.0f}% "
                      f"| {100 * r['top1_agreement']:.1f}% |")
+    spin = {f"{r['runtime']} {r['precision']}": r["cpu_after_call_s"] for r in result["model_only"]}
+    lines += ["", "CPU a worker used after answering, before it went idle (median per call, all models): "
+              + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in spin.items())]
     if result["service"]:
-        lines += ["", "| model | runtime | precision | clients | req/s | x torch fp32 | p50 ms | p99 ms "
+        lines += ["", f"Through the service ({result['service'][0]['clients']} clients, all six up, "
+                  "loaded in turn, medians of the rounds):", "",
+                  "| model | runtime | precision | clients | req/s | x torch fp32 | p50 ms | p99 ms "
                   "| errors | cold start s | idle RSS MiB |", "|---" * 11 + "|"]
         cells = ("arch", "runtime", "precision", "clients")
         for r in result["service"]:
             lines.append("| " + " | ".join(str(r[k]) for k in cells) + f" | {r['rps']:.1f} "
                          f"| {r['vs_torch_fp32']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
                          f"| {r['errors']} | {r['cold_start_s']:.1f} | {r['idle_rss_mb']:.0f} |")
+    if result.get("image_size"):
+        lines += ["", "Installed size (this environment's site-packages; an extra: what it adds):",
+                  "", "| backend | extra | MB | of which CUDA libraries | largest packages |",
+                  "|---|---|---|---|---|"]
+        for backend, info in result["image_size"].items():
+            top = sorted(info["packages"].items(), key=lambda kv: -kv[1])[:4]
+            lines.append(f"| {backend} | {info['extra'] or '(base install)'} | {info['mb']:.0f} "
+                         f"| {info['cuda_mb']:.0f} | " + ", ".join(f"{n} {mb:.0f}" for n, mb in top) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -152,7 +204,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="model-only threads (0: every usable core)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests", type=int, default=96, help="per backend through the service (0: skip)")
+    p.add_argument("--min-seconds", type=float, default=0.5, help="model-only: seconds per measurement")
+    p.add_argument("--requests", type=int, default=96,
+                   help="per backend and round through the service (0: skip)")
+    p.add_argument("--service-rounds", type=int, default=2)
     p.add_argument("--trained-checkpoint", type=Path, help="a trained convnet (default: random weights)")
 
 
@@ -160,20 +215,29 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> dict[str, Any]
     from bench.report import machine_info
     from service.settings import usable_cores
 
+    began = time.perf_counter()
     threads = args.threads or usable_cores()
     sets = generate(args.inputs or workdir / "inputs", args.seed, quick=False)
-    peaks = peak_gflops(threads)
     sizes = sorted({1, args.max_batch_size})
     result: dict[str, Any] = {"command": command, "cpu": machine_info().get("cpu", "?"), "threads": threads,
-                              "peak_gflops": peaks, "model_only": [], "service": []}
+                              "model_only": [], "peak_rounds": [], "service": [],
+                              "image_size": backend_sizes()}
+    loads = [os.getloadavg()[0]]
     for arch in args.archs.split(","):
         bodies = sets[ARCHS[arch]].load()
         prep = prepare(arch, workdir, bodies, args.trained_checkpoint)
-        result["model_only"] += model_only(arch, prep, sizes, threads, args.rounds, peaks)
+        rows, peaks = model_only(arch, prep, sizes, threads, args.rounds, workdir, args.min_seconds)
+        result["model_only"] += rows
+        result["peak_rounds"] += peaks
+        loads.append(os.getloadavg()[0])
         if args.requests:
             result["service"] += through_service(arch, prep, bodies, workdir, args.clients, args.requests,
-                                                 args.torch_threads, args.max_batch_size)
+                                                 args.torch_threads, args.max_batch_size, args.service_rounds)
+            loads.append(os.getloadavg()[0])
         log.info("%s done", arch)
+    result["peak_gflops"] = {k: statistics.median(p[k] for p in result["peak_rounds"]) for k in PRECISIONS}
+    result["load"] = f"{min(loads):.1f}-{max(loads):.1f}"
+    result["minutes"] = (time.perf_counter() - began) / 60
     args.out.write_text(render(result))
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     return result
