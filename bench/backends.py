@@ -26,7 +26,7 @@ from bench.backend_worker import Worker
 from bench.image_size import backend_sizes
 from bench.inputs import generate
 from bench.loadgen import build_request, load
-from bench.peak import peak_gflops
+from bench.peak import gflop_per_image, peak_gflops
 from bench.servers import service_server
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,6 @@ VARIANTS = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("ope
 ARCHS = {"convnet": "small64", "resnet18": "photo640", "mobilenet_v3_small": "photo640"}
 HOST = "127.0.0.1"
 PRECISIONS = ("fp32", "bf16", "int8")
-
-
-def model_gflop(model: torch.nn.Module, shape: tuple[int, int, int]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, *shape))
-    return counter.get_total_flops() / 1e9
 
 
 def prepare(arch: str, workdir: Path, bodies: list[bytes], trained: Path | None) -> dict[str, Any]:
@@ -66,7 +58,7 @@ def prepare(arch: str, workdir: Path, bodies: list[bytes], trained: Path | None)
     props = artifact_props(file_sha256(ckpt), "int8", loaded.model, pre, probe)
     int8.write_bytes(set_metadata(graph, loaded.meta, props))
     return {"checkpoint": ckpt, "int8": int8, "images": images, "eval": images[half:],
-            "gflop": model_gflop(loaded.model, pre.input_shape)}
+            "gflop": gflop_per_image(loaded.model, pre.input_shape)}
 
 
 def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, rounds: int,
