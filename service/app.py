@@ -32,6 +32,7 @@ from starlette.middleware.cors import CORSMiddleware
 from model.checkpoint import CheckpointError
 from model.device import resolve_device, set_tf32
 from service import OMP_POLICY_APPLIED, routes
+from service.batching import BatcherClosed
 from service.decode import decode_to_tensor
 from service.errors import ERROR_CODES
 from service.explain import Explainer
@@ -246,7 +247,11 @@ def _drain_on_sigterm(
                 await asyncio.sleep(0.02)
             settled = not app_busy()
         if not settled:
-            log.warning("grace period (%.1fs) over with work left: stopping anyway", settings.grace_period_s)
+            # Answer what is left now (503 shutting_down, Retry-After: another replica takes it);
+            # left to uvicorn's shutdown, those requests would be cancelled and answered 500.
+            left = state.batcher.abandon(BatcherClosed("the grace period ran out"))
+            log.warning("grace period (%.1fs) over with work left: stopping anyway (%d queued or running "
+                        "image(s) answered 503 shutting_down)", settings.grace_period_s, left)
         previous(sig, frame)  # uvicorn: stop accepting, close idle connections, run lifespan shutdown
 
     def on_sigterm(sig: int, frame: FrameType | None) -> None:

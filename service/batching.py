@@ -112,6 +112,17 @@ class DynamicBatcher(Generic[In, Out]):
             # here would block the event loop and defeat the timeout.
             self._executor.shutdown(wait=not timed_out, cancel_futures=timed_out)
 
+    def abandon(self, exc: Exception) -> int:
+        """Take no new work and fail every pending future with `exc` now, queued and running (the
+        running batch's result is dropped when it comes); the worker ends after that batch. For a
+        drain whose grace period ran out: the callers answer at once instead of being cancelled
+        by the server's shutdown. Returns how many futures were failed."""
+        self._closing = True
+        self._wakeup.set()
+        pending = sum(not e.future.done() for e in [*self._current, *self._queue])
+        self._fail_all(exc)
+        return pending
+
     async def __aenter__(self) -> DynamicBatcher[In, Out]:
         self.start()
         return self

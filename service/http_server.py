@@ -9,6 +9,10 @@ adds, per connection:
 - limits (`HttpLimits`): request line -> 414, header bytes or count -> 431, headers not complete
   within the deadline -> 408 (or a silent close when nothing was sent), all answered with the
   service's JSON error and counted in `convserve_rejected_images_total` before the app sees anything;
+- an answer that starts before the request body is read whole (e.g. 413 while streaming) says
+  `Connection: close`, then the connection lingers (`LINGER_S`, the rest of the body dropped
+  unparsed) and closes. uvicorn's protocol would keep it open and parse and drop whatever the client
+  kept sending, without bound (measured: 5 GB in 8 s on one connection after a 413);
 - drain state: how many requests it has begun (first byte parsed) and answered, and when it last
   saw activity. From `begin_drain()` on every response carries `Connection: close`, and `drain()`
   closes a connection only when it holds no unanswered request and has been quiet `DRAIN_IDLE_S`
@@ -38,6 +42,11 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 DRAIN_IDLE_S = 0.5  # a connection quiet this long during a drain is between requests: close it
+# An answer sent before the request body was read whole (413 while streaming, 413 by Content-Length,
+# any early error) closes the connection; for this long after it the rest of the body is read and
+# dropped unparsed (a "lingering close", as nginx does), so that closing does not reset the
+# connection under a client still sending, which would lose the answer it has not read yet.
+LINGER_S = 2.0
 _SWEEP_S = 0.02
 
 
@@ -150,6 +159,7 @@ class ConvserveHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._lingering = False  # answered with the body unread: dropping the rest until closed
 
     @property
     def unanswered(self) -> int:
@@ -166,7 +176,7 @@ class ConvserveHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._lingering:  # lingering: the rest of a refused body
             return
         self.last_activity = self.loop.time()
         self._unset_keepalive_if_required()
@@ -222,6 +232,8 @@ class ConvserveHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._cancel_head_timer()
         super().on_headers_complete()
+        if self.cycle is not None:
+            self._close_if_answered_early(self.cycle)
         if LAYER.draining and self.cycle is not None and not self.pipeline:
             self.cycle.keep_alive = False  # the response says Connection: close; the client moves on
 
@@ -229,6 +241,30 @@ class ConvserveHttpProtocol(HttpToolsProtocol):
         self.answered += 1
         self.last_activity = self.loop.time()
         super().on_response_complete()
+
+    # Answers that come before the body
+    def _close_if_answered_early(self, cycle: Any) -> None:
+        """Wrap the cycle's ASGI send: a response that starts while the request body is still
+        arriving says `Connection: close` and, once written, ends in a lingering close."""
+        send = cycle.send
+
+        async def guarded(message: Any) -> None:
+            if message["type"] == "http.response.start" and cycle.more_body and not cycle.disconnected:
+                cycle.keep_alive = False  # uvicorn adds the header and closes after the body...
+                cycle.transport = _LingeringClose(self)  # ... through this, which lingers first
+            await send(message)
+
+        cycle.send = guarded
+
+    def linger_then_close(self) -> None:
+        """Send FIN after the answer, drop what still arrives, close at LINGER_S (or at the
+        client's own close, which asyncio reports as EOF and closes the transport for)."""
+        if self._lingering or self.transport.is_closing():
+            return
+        self._lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.close_idle)
 
     # Drain
     def begin_drain(self) -> None:
@@ -274,6 +310,20 @@ class ConvserveHttpProtocol(HttpToolsProtocol):
         self.answered = self.begun
         LAYER.on_reject(refused.code)
         self.logger.info("refused a request: %d %s", refused.status, refused.message)
+
+
+class _LingeringClose:
+    """The connection's transport as the cycle sees it, except that close() lingers first."""
+
+    def __init__(self, protocol: ConvserveHttpProtocol) -> None:
+        self._protocol = protocol
+        self._transport = protocol.transport
+
+    def close(self) -> None:
+        self._protocol.linger_then_close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class DrainingServer(uvicorn.Server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -51,3 +52,21 @@ def ready_client(app: FastAPI, timeout: float = 60.0) -> Iterator[TestClient]:
             assert time.monotonic() < end, f"not ready in {timeout}s: {ready.json()}"
             time.sleep(0.01)
         yield c
+
+
+def read_http_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """(status, lower-cased headers, body); a reset or a close before the whole answer fails the test."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(65536)
+        assert got, f"the server closed before answering (got {data!r})"
+        data += got
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    length = int(headers["content-length"])
+    while len(body) < length:
+        got = sock.recv(65536)
+        assert got, "the server closed in the middle of its answer"
+        body += got
+    return int(lines[0].split()[1]), headers, body[:length]

@@ -81,3 +81,34 @@ def test_no_fill_window_runs_what_is_there(max_wait_s: float) -> None:
 
     asyncio.run(scenario())
     assert sizes == [2]
+
+
+def test_abandon_fails_queued_and_running_futures_at_once_and_takes_no_more() -> None:
+    """What a drain does when its grace period runs out: every caller is answered now (the HTTP
+    layer turns BatcherClosed into 503 shutting_down), the running batch's late result is dropped."""
+    release = threading.Event()
+    seen: list[list[int]] = []
+
+    def stuck(xs: list[int]) -> list[int]:
+        seen.append(xs)
+        release.wait(30)
+        return xs
+
+    async def scenario() -> None:
+        b: DynamicBatcher[int, int] = DynamicBatcher(stuck, max_size=2, max_wait_s=0, limit=8)
+        b.start()
+        running = b.submit_many_nowait([1, 2])
+        while not b.busy:
+            await asyncio.sleep(0.005)
+        queued = b.submit_many_nowait([3, 4, 5])
+        assert b.abandon(BatcherClosed("grace over")) == 5
+        assert all(f.done() for f in [*running, *queued])
+        with pytest.raises(BatcherClosed):
+            b.submit_many_nowait([6])
+        release.set()
+        await b.stop(timeout=10)  # the worker ends after the running batch, which is dropped
+        results = await asyncio.gather(*running, *queued, return_exceptions=True)
+        assert all(isinstance(r, BatcherClosed) for r in results), results
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert seen == [[1, 2]]  # the queued items never ran

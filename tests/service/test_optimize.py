@@ -3,6 +3,7 @@ OpenMP wait policy the package sets. Numeric checks only; speed is measured by b
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from service.middleware import RequestIds
 from service.optimize import bucket, fold_batchnorm
 from service.predictor import Predictor
 from tests.conftest import REPO, make_checkpoint
+from tests.tooling import require_tool
 
 CONV_BN = {
     "blocks": [
@@ -113,3 +115,43 @@ def test_the_package_sets_a_passive_openmp_wait_policy_unless_the_operator_did()
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     assert _omp_policy(env) == "PASSIVE"
     assert _omp_policy({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+
+
+# One real torch.compile (inductor, with its C++ compiler) of the tiny model at one batch shape, in a
+# subprocess: bounded by its timeout, and dynamo's global state (caches, recompile limit) stays out
+# of the other tests. About 30 s of CPU with a cold inductor cache, 10 s with a warm one.
+COMPILE_SCRIPT = """
+import json, sys, torch
+from pathlib import Path
+from torch._dynamo.utils import counters
+from service.predictor import Predictor
+cpu = torch.device("cpu")
+eager = Predictor.load(Path(sys.argv[1]), cpu, max_batch_size=2)
+compiled = Predictor.load(Path(sys.argv[1]), cpu, max_batch_size=2, compile="compile")
+compiled.warmup([2])  # the one shape: a batch of 1 is padded up to it, never compiled anew
+g = torch.Generator().manual_seed(0)
+images = [torch.randint(0, 256, compiled.input_shape, dtype=torch.uint8, generator=g) for _ in range(2)]
+diff = max(float((compiled.forward(images[:n]) - eager.forward(images[:n])).abs().max()) for n in (1, 2, 1))
+print(json.dumps({"type": type(compiled.model).__name__, "buckets": compiled.buckets, "diff": diff,
+                  "counters": {k: dict(v) for k, v in counters.items()}}))
+"""
+
+
+@pytest.mark.slow
+def test_torch_compile_builds_one_graph_and_answers_like_eager(tiny_checkpoint: Path) -> None:
+    require_tool(os.environ.get("CXX", "g++"))  # inductor's CPU code generation compiles C++
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, str(tiny_checkpoint)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["type"] == "OptimizedModule" and out["buckets"] == [2]
+    c = out["counters"]
+    assert c["frames"]["ok"] == 1 and c["stats"]["unique_graphs"] == 1, c  # batches of 1 reused it
+    assert not c.get("graph_break"), c  # the whole model is one graph
+    inductor = c.get("inductor", {})
+    # inductor generated (or loaded from its cache) the code for exactly that one graph
+    assert inductor.get("fxgraph_cache_miss", 0) + inductor.get("fxgraph_cache_hit", 0) == 1, c
+    assert out["diff"] < 1e-5

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, read_meta
+from model.checkpoint import load_checkpoint, read_meta, weights_sha256
 from model.preprocess import Preprocess
 from training import fit, shapes
 from training.config import ConfigError
+from training.engine import EvalResult, evaluate
 from training.runs import load_state
 
 from .conftest import tiny_config
@@ -185,10 +186,47 @@ def test_training_on_an_image_folder_reports_unreadable_files(
     assert result.best_accuracy == 1.0  # three solid colours: trivially separable
 
 
-def test_early_stopping_stops(tmp_path: Path) -> None:
-    # lr tiny enough that accuracy cannot improve after the first epoch
-    result = fit.train(tiny_config(tmp_path, epochs=5, patience=1, lr=1e-9, schedule="constant"))
-    assert result.epochs_run < 5
+# Validation accuracy per epoch, scripted (of 24 images): best at epoch 2, then two epochs without a
+# better one. With --patience 2 the run stops after epoch 4; one more epoch would have found 22/24.
+SCRIPTED_CORRECT = [6, 18, 12, 12, 22, 22]
+
+
+def test_early_stopping_counts_patience_and_keeps_the_best_epochs_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real evaluation runs each epoch; its confusion matrix is replaced by a scripted one (the
+    neighbour: what the accuracy is), and the weights it evaluated are recorded, so the test knows
+    which epoch's weights each checkpoint must hold."""
+    evaluated: list[str] = []  # sha256 of the weights validated at each epoch
+
+    def scripted(model: torch.nn.Module, *args: Any, **kwargs: Any) -> EvalResult:
+        real = evaluate(model, *args, **kwargs)
+        evaluated.append(weights_sha256(model.state_dict()))
+        correct = SCRIPTED_CORRECT[len(evaluated) - 1]
+        confusion = torch.zeros_like(real.confusion)
+        confusion[0, 0], confusion[0, 1] = correct, real.count - correct
+        return EvalResult(confusion, loss_sum=1.0 * real.count, top5_correct=real.count)
+
+    monkeypatch.setattr(fit, "evaluate", scripted)
+    with caplog.at_level(logging.INFO, logger="training.fit"):
+        result = fit.train(tiny_config(tmp_path, epochs=6, patience=2, lr=0.05))
+
+    assert result.epochs_run == len(evaluated) == 4  # epochs 3 and 4 did not beat epoch 2: patience spent
+    assert len(set(evaluated)) == 4  # the premise: every epoch moved the weights
+    assert result.best_epoch == 2 and result.best_accuracy == pytest.approx(18 / 24)
+    assert "early stop: no better validation accuracy for 2 epochs" in caplog.text
+    out = result.out
+    assert [r["epoch"] for r in csv.DictReader((out / "history.csv").open())] == ["1", "2", "3", "4"]
+    # the served model is epoch 2's weights, not the last epoch's; last.safetensors is epoch 4's
+    best = read_meta(out / "model.safetensors")
+    assert best.weights_sha256 == evaluated[1] != evaluated[3]
+    assert best.training["checkpoint"] == "best" and best.training["best_epoch"] == 2
+    assert read_meta(out / "last.safetensors").weights_sha256 == evaluated[3]
+    assert weights_sha256(load_checkpoint(out / "model.safetensors").model.state_dict()) == evaluated[1]
+    report = json.loads((out / "report.json").read_text())
+    assert report["epoch"] == 2 and report["top1"] == pytest.approx(18 / 24)
+    state = load_state(out / "train_state.pt")
+    assert state["bad_epochs"] == 2 and state["best"]["epoch"] == 2
 
 
 def test_init_weights_and_frozen_backbone(shapes_run: fit.FitResult, tmp_path: Path) -> None:
