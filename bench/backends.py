@@ -156,7 +156,8 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"command: `{result['command']}` ({result.get('minutes', float('nan')):.1f} min)",
         f"CPU: {result['cpu']}, {result['threads']} thread(s), load average {result.get('load', '?')}; "
-        f"peak matmul 2048^3 (median of every round): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f}, "
+        "peak (the better of a 2048^3 matmul and a 3x3 convolution, median of every round): "
+        f"fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f}, "
         f"int8 {peaks['int8']:.0f} GFLOP/s (GOP/s) in the same run.", "",
         "Model-only (one worker process per variant, alternating rounds, medians):", "",
         "| model | runtime | precision | batch | images/s | x torch fp32 | share of peak | top-1 agreement |",

@@ -1,4 +1,4 @@
-"""What an explanation costs, measured against a prediction on the same server (shared-machine numbers).
+"""What an explanation costs, measured against a prediction on the same server.
 
     python -m bench.explain [--requests 30] [--out docs/explain-bench.md]
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import io
+import os
 import platform
 import statistics
 import subprocess
@@ -115,7 +116,8 @@ def main() -> None:
             rows.append((arch, predict, explain, idle, busy, explained))
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {model_name} "
-        f"({platform.machine()}), a SHARED machine (other jobs running): ratios only.",
+        f"({platform.machine()}), load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the "
+        "end: ratios only.",
         f"`python -m bench.explain --requests {args.requests}`; medians of sequential requests.",
         "",
         "| model | predict ms | explain ms | explain / predict | predict p50 idle ms | "

@@ -155,7 +155,8 @@ def limit_line(sc: dict[str, Any]) -> str:
     p, g = peak["peak_gflops"], peak["gflop_per_image"]
     prec = server_precision(sc, "service")
     top = p.get(prec) or p["fp32"]
-    return (f"Physical limit: {peak['matmul_n']}^3 matmul peak on {peak['threads']} thread(s) (the service's "
+    return (f"Physical limit: peak of a {peak['matmul_n']}^3 matmul or a 3x3 convolution, the better, on "
+            f"{peak['threads']} thread(s) (the service's "
             f"batch count), same run: fp32 {_f(p['fp32'], 0)}, bf16 {_f(p['bf16'], 0)} GFLOP/s; the model "
             f"does {g:.3f} GFLOP per image (2 FLOPs per multiply-add), so the {prec} peak allows at most "
             f"{_f(top / g if g else NAN)} images/s. `GFLOP/s` = req/s x GFLOP/image, `% of peak` its share "
