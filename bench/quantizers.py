@@ -138,7 +138,11 @@ def quantize_pt2e(loaded: Any, calib: list[torch.Tensor]) -> torch.nn.Module:
     model = loaded.model.float().eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
-        exported = torch.export.export(model, (calib[0][:2],), dynamic_shapes=({0: batch},)).module()
+        # strict (dynamo) capture: the non-strict default records both calls of a shared module (a
+        # torchvision BasicBlock's one ReLU) as one source partition, and the quantizer then fails on
+        # resnet18 ("Input partition has more than one output node").
+        exported = torch.export.export(model, (calib[0][:2],), dynamic_shapes=({0: batch},),
+                                       strict=True).module()
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(exported, quantizer)  # type: ignore[arg-type]
         for x in calib:
