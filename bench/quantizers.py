@@ -138,9 +138,9 @@ def quantize_pt2e(loaded: Any, calib: list[torch.Tensor]) -> torch.nn.Module:
     model = loaded.model.float().eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
-        # strict (dynamo) capture: the non-strict default records both calls of a shared module (a
-        # torchvision BasicBlock's one ReLU) as one source partition, and the quantizer then fails on
-        # resnet18 ("Input partition has more than one output node").
+        # strict (dynamo) capture: after the non-strict default the quantizer fails on resnet18
+        # ("Input partition has more than one output node"; likely the BasicBlock's one ReLU module,
+        # called twice, seen as one partition).
         exported = torch.export.export(model, (calib[0][:2],), dynamic_shapes=({0: batch},),
                                        strict=True).module()
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
