@@ -105,27 +105,23 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-class Worker:
-    """The benchmark's side: one worker process per variant, alive for all rounds of one model.
-    Starting it returns at once; `wait_ready` waits for the load and warm-up."""
+class WorkerProcess:
+    """The benchmark's side of one worker process speaking this protocol (argv: the module and its
+    arguments after `python -m`). Starting it returns at once; `wait_ready` waits for the load and
+    warm-up."""
 
-    def __init__(self, checkpoint: Path, runtime: str, precision: str, images: Path, sizes: list[int],
-                 threads: int, cache_dir: Path, log_path: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path) -> None:
         import subprocess
 
         from bench.servers import REPO, _die_with_parent
 
-        argv = [sys.executable, "-m", "bench.backend_worker", "--checkpoint", str(checkpoint),
-                "--runtime", runtime, "--precision", precision, "--images", str(images),
-                "--sizes", ",".join(map(str, sizes)), "--threads", str(threads),
-                "--export-cache-dir", str(cache_dir)]
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("wb") as err:
-            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=err, text=True,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, env=env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                         text=True, preexec_fn=_die_with_parent)
         self.ready: dict[str, Any] = {}
 
     def wait_ready(self) -> dict[str, Any]:
@@ -173,3 +169,14 @@ class Worker:
         except Exception:
             self.proc.kill()
             self.proc.wait()
+
+
+class Worker(WorkerProcess):
+    """One `bench backends` variant: the service's Predictor on a checkpoint or ONNX file."""
+
+    def __init__(self, checkpoint: Path, runtime: str, precision: str, images: Path, sizes: list[int],
+                 threads: int, cache_dir: Path, log_path: Path) -> None:
+        argv = ["bench.backend_worker", "--checkpoint", str(checkpoint), "--runtime", runtime,
+                "--precision", precision, "--images", str(images), "--sizes", ",".join(map(str, sizes)),
+                "--threads", str(threads), "--export-cache-dir", str(cache_dir)]
+        super().__init__(argv, log_path)

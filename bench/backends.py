@@ -17,12 +17,13 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from bench.backend_worker import Worker
+from bench.backend_worker import Worker, WorkerProcess
 from bench.image_size import backend_sizes
 from bench.inputs import generate
 from bench.loadgen import build_request, load
@@ -35,15 +36,15 @@ VARIANTS = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("ope
 ARCHS = {"convnet": "small64", "resnet18": "photo640", "mobilenet_v3_small": "photo640"}
 HOST = "127.0.0.1"
 PRECISIONS = ("fp32", "bf16", "int8")
+K = TypeVar("K")  # what names a variant
 
 
-def prepare(arch: str, workdir: Path, bodies: list[bytes], trained: Path | None) -> dict[str, Any]:
-    """Checkpoint, decoded images (uint8), and an int8 file calibrated on the first half of them."""
+def bench_images(arch: str, workdir: Path, bodies: list[bytes], trained: Path | None) -> dict[str, Any]:
+    """Checkpoint (a trained convnet, else random weights), its Loaded, the decoded images (uint8),
+    the second half of them for agreement and float batches of the first half to calibrate on."""
     from bench.run import make_checkpoint
     from model.checkpoint import load_checkpoint
-    from model.onnx_file import artifact_props, set_metadata
     from service.decode import decode_to_tensor
-    from training.onnx_export import BatchReader, file_sha256, quantize_graph
 
     ckpt = trained if arch == "convnet" and trained else None
     ckpt = ckpt or make_checkpoint(arch, 1000, workdir / f"{arch}.safetensors")
@@ -52,13 +53,45 @@ def prepare(arch: str, workdir: Path, bodies: list[bytes], trained: Path | None)
     images = [decode_to_tensor(b, pre, 50_000_000) for b in bodies]
     half = len(images) // 2
     calib = [pre.normalize(torch.stack(images[i : i + 8])) for i in range(0, half, 8)]
+    return {"checkpoint": ckpt, "loaded": loaded, "images": images, "eval": images[half:], "calib": calib}
+
+
+def prepare(arch: str, workdir: Path, bodies: list[bytes], trained: Path | None) -> dict[str, Any]:
+    """bench_images, and an int8 file calibrated on the first half of the images."""
+    from model.onnx_file import artifact_props, set_metadata
+    from training.onnx_export import BatchReader, file_sha256, quantize_graph
+
+    prep = bench_images(arch, workdir, bodies, trained)
+    ckpt, loaded, images = prep["checkpoint"], prep["loaded"], prep["images"]
+    pre = loaded.preprocess
     int8 = workdir / f"{ckpt.stem}-{arch}.int8.onnx"
-    graph = quantize_graph(loaded.model, pre.input_shape, BatchReader(calib))
+    graph = quantize_graph(loaded.model, pre.input_shape, BatchReader(prep["calib"]))
     probe = torch.stack(images[:3])
     props = artifact_props(file_sha256(ckpt), "int8", loaded.model, pre, probe)
     int8.write_bytes(set_metadata(graph, loaded.meta, props))
-    return {"checkpoint": ckpt, "int8": int8, "images": images, "eval": images[half:],
-            "gflop": gflop_per_image(loaded.model, pre.input_shape)}
+    return {**prep, "int8": int8, "gflop": gflop_per_image(loaded.model, pre.input_shape)}
+
+
+def alternate(workers: Mapping[K, WorkerProcess], sizes: list[int], rounds: int, min_s: float,
+              each_round: Callable[[], object] | None = None,
+              ) -> tuple[dict[tuple[K, int], list[float]], dict[K, list[float]]]:
+    """Images/s of every worker at every batch size, `rounds` times (each_round runs first in each),
+    the workers' order rotated each round so that no variant always follows the same one; after each
+    call the worker is left to go idle before the next one runs (the CPU it used meanwhile is in
+    the second result)."""
+    rates: dict[tuple[K, int], list[float]] = {}
+    after: dict[K, list[float]] = {}
+    for r in range(rounds):
+        if each_round is not None:
+            each_round()
+        keys = list(workers)
+        keys = keys[r % len(keys):] + keys[: r % len(keys)]
+        for b in sizes:
+            for key in keys:
+                answer = workers[key].ask({"batch": b, "min_s": min_s})
+                rates.setdefault((key, b), []).append(answer["images_per_s"])
+                after.setdefault(key, []).append(workers[key].settle())
+    return rates, after
 
 
 def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, rounds: int,
@@ -79,18 +112,8 @@ def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, 
             w.wait_ready()
             w.settle()
         top1 = {key: w.ask({"top1": True})["top1"] for key, w in workers.items()}
-        rates: dict[tuple[str, str, int], list[float]] = {}
-        after: dict[tuple[str, str], list[float]] = {}
-        peaks = []
-        for r in range(rounds):
-            peaks.append(peak_gflops(threads))
-            keys = list(workers)
-            keys = keys[r % len(keys):] + keys[: r % len(keys)]  # no variant always follows the same one
-            for b in sizes:
-                for key in keys:
-                    answer = workers[key].ask({"batch": b, "min_s": min_s})
-                    rates.setdefault((*key, b), []).append(answer["images_per_s"])
-                    after.setdefault(key, []).append(workers[key].settle())
+        peaks: list[dict[str, float]] = []
+        rates, after = alternate(workers, sizes, rounds, min_s, lambda: peaks.append(peak_gflops(threads)))
         ready = {key: w.ready for key, w in workers.items()}
     finally:
         for w in workers.values():
@@ -102,11 +125,11 @@ def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, 
         labels = top1[(runtime, precision)]
         agree = sum(a == b for a, b in zip(labels, reference, strict=True)) / len(reference)
         for b in sizes:
-            ips = statistics.median(rates[(runtime, precision, b)])
-            base = statistics.median(rates[("torch", "fp32", b)])
+            ips = statistics.median(rates[((runtime, precision), b)])
+            base = statistics.median(rates[(("torch", "fp32"), b)])
             rows.append({"arch": arch, "runtime": runtime, "precision": precision, "batch": b,
                          "images_per_s": ips, "vs_torch_fp32": ips / base,
-                         "rounds": rates[(runtime, precision, b)],
+                         "rounds": rates[((runtime, precision), b)],
                          "peak_share": ips * prep["gflop"] / peak[precision], "top1_agreement": agree,
                          "cpu_after_call_s": statistics.median(after[(runtime, precision)]),
                          "worker_rss_mb": ready[(runtime, precision)]["rss_mb"]})

@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from model.checkpoint import file_sha256, load_checkpoint
+from model.checkpoint import Loaded, file_sha256, load_checkpoint
 from model.onnx_file import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -74,7 +75,7 @@ def _data_config(meta_training: dict[str, Any], data: str | None) -> tuple[str, 
     return data, TrainConfig(data=data, **args).validate()
 
 
-class _Reader:
+class CalibrationReader:
     """onnxruntime's CalibrationDataReader protocol: get_next() -> {input: batch} or None."""
 
     def __init__(self, images: Dataset[Sample], batch_size: int) -> None:
@@ -85,7 +86,11 @@ class _Reader:
         return None if batch is None else {INPUT_NAME: batch[0].numpy()}
 
 
-def _top1(fn: Any, val: Dataset[Sample], mapping: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+def top1_predictions(
+    fn: Any, val: Dataset[Sample], mapping: list[int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true class indices (checkpoint label order) over `val`; fn maps a float batch
+    to logits or probabilities."""
     preds, targets = [], []
     for x, y in DataLoader(val, 128):
         preds.append(np.asarray(fn(x)).argmax(axis=1))
@@ -122,7 +127,7 @@ class BatchReader:
         return None if batch is None else {INPUT_NAME: batch.numpy()}
 
 
-def _uint8(images: Any, i: int, pre: Preprocess) -> torch.Tensor:
+def uint8_image(images: Any, i: int, pre: Preprocess) -> torch.Tensor:
     """Training image i as uint8 after the eval geometry (CachedImages keeps it; else re-quantize)."""
     pixels = getattr(images, "pixels", None)
     if pixels is not None:
@@ -133,12 +138,25 @@ def _uint8(images: Any, i: int, pre: Preprocess) -> torch.Tensor:
     return (x * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
 
 
-def run_quantize(
-    checkpoint: Path, data: str | None, calibration_images: int, out: Path, seed: int = 0
-) -> dict[str, Any]:
-    """Write an int8 ONNX file and return the fp32 vs int8 validation comparison."""
-    import onnxruntime as ort
+@dataclass
+class QuantizeData:
+    """What a quantizer calibrates on and is judged on: the checkpoint's own data set (training split
+    under the evaluation transform, `picked` the calibration images) and its validation split."""
 
+    loaded: Loaded
+    data: str
+    train: Dataset[Sample]
+    val: Dataset[Sample]
+    mapping: list[int] | None  # data set class index -> checkpoint label index, when they differ
+    picked: list[int]
+
+    def calibration(self) -> Dataset[Sample]:
+        return Subset(self.train, self.picked)
+
+
+def quantize_data(checkpoint: Path, data: str | None, calibration_images: int, seed: int = 0) -> QuantizeData:
+    """The calibration images (`calibration_images` of the training split, drawn with `seed`) and the
+    validation split of the checkpoint's data set (or `data`), as `quantize` uses them."""
     if calibration_images < 1:
         raise ConfigError("--calibration-images must be at least 1")
     loaded = load_checkpoint(checkpoint)
@@ -153,14 +171,27 @@ def run_quantize(
     g = torch.Generator().manual_seed(seed)
     n = min(calibration_images, len(bundle.train))  # type: ignore[arg-type]
     picked = torch.randperm(len(bundle.train), generator=g)[:n].tolist()  # type: ignore[arg-type]
+    return QuantizeData(loaded, data, bundle.train, bundle.val, mapping, picked)
+
+
+def run_quantize(
+    checkpoint: Path, data: str | None, calibration_images: int, out: Path, seed: int = 0
+) -> dict[str, Any]:
+    """Write an int8 ONNX file and return the fp32 vs int8 validation comparison."""
+    import onnxruntime as ort
+
+    qd = quantize_data(checkpoint, data, calibration_images, seed)
+    loaded, data, mapping, picked = qd.loaded, qd.data, qd.mapping, qd.picked
+    meta, pre = loaded.meta, loaded.preprocess
+    n = len(picked)
     start = time.perf_counter()
-    graph = quantize_graph(loaded.model, pre.input_shape, _Reader(Subset(bundle.train, picked), 32))
+    graph = quantize_graph(loaded.model, pre.input_shape, CalibrationReader(qd.calibration(), 32))
     took = time.perf_counter() - start
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     with torch.inference_mode():
-        fp32_pred, targets = _top1(lambda x: loaded.model(x), bundle.val, mapping)
-    int8_pred, _ = _top1(
-        lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0], bundle.val, mapping
+        fp32_pred, targets = top1_predictions(lambda x: loaded.model(x), qd.val, mapping)
+    int8_pred, _ = top1_predictions(
+        lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0], qd.val, mapping
     )
     report = {
         "wrote": str(out),
@@ -177,7 +208,7 @@ def run_quantize(
     report["drop_points"] = round(100 * (report["val_top1_fp32"] - report["val_top1_int8"]), 3)
     sha = file_sha256(checkpoint)
     # a few real calibration images as the probe: the service checks the int8 graph on them
-    probe_images = torch.stack([_uint8(bundle.train, i, pre) for i in picked[:PROBE_SIZE]])
+    probe_images = torch.stack([uint8_image(qd.train, i, pre) for i in picked[:PROBE_SIZE]])
     props = artifact_props(sha, "int8", loaded.model, pre, probe_images)
     props["convserve.quantization"] = json.dumps({k: v for k, v in report.items() if k != "wrote"})
     _write(out, set_metadata(graph, meta, props))
