@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
 
 from service.errors import ImageError
+from service.http_errors import ServiceError
 
 
 @dataclass(slots=True)
@@ -52,6 +54,17 @@ async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
             raise ImageError("payload_too_large", f"the body exceeds the limit of {limit} bytes", 413)
         parts.append(chunk)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body of an upload route: 413 before reading when the announced length is over
+    `limit`, 413 as soon as a chunked body passes it, 499 `client_disconnected` (a rejection the
+    error handler counts) when the client goes away mid-body."""
+    check_declared_length(request.headers.get("content-length"), limit)
+    try:
+        return await read_limited(request.stream(), limit)
+    except ClientDisconnect:
+        raise ServiceError("client_disconnected", "the client went away", 499) from None
 
 
 def parse_body(body: bytes, content_type: str | None, max_images: int) -> Parsed:

@@ -10,7 +10,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from model.checkpoint import CheckpointError
@@ -18,7 +18,7 @@ from service.errors import ImageError
 from service.explain import Explained, Explainer, ExplainOverloaded, ExplainTimeout, LayerNotFound, b64
 from service.heatmaps import upsample
 from service.http_errors import ServiceError
-from service.inputs import Upload, check_declared_length, parse_body, read_limited
+from service.inputs import Upload, parse_body, read_body
 from service.predictor import Predictor
 from service.routes.openapi import EXPLAIN_RESPONSES, FEATURES_RESPONSES, IMAGE_BODY
 from service.state import get_state
@@ -37,11 +37,7 @@ async def _one_upload(request: Request, kind: str) -> tuple[Predictor, Upload]:
     s = st.settings
     ex = explainer(request)
     try:
-        check_declared_length(request.headers.get("content-length"), s.max_upload_bytes)
-        try:
-            body = await read_limited(request.stream(), s.max_upload_bytes)
-        except ClientDisconnect:
-            raise ServiceError("client_disconnected", "the client went away", 499) from None
+        body = await read_body(request, s.max_upload_bytes)
         parsed = parse_body(body, request.headers.get("content-type"), 1)
         entry = parsed.entries[0]
         if isinstance(entry, ImageError):

@@ -10,11 +10,11 @@ import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from service import pipeline
-from service.inputs import check_declared_length, parse_body, read_limited
+from service.inputs import parse_body, read_body
 from service.protocols import v1
 from service.routes.openapi import PREDICT_BODY, PREDICT_RESPONSES
 from service.state import get_state
@@ -46,12 +46,7 @@ async def predict(
     st = get_state(request)
     s = st.settings
     start = time.perf_counter()
-    check_declared_length(request.headers.get("content-length"), s.max_upload_bytes)
-    try:
-        body = await read_limited(request.stream(), s.max_upload_bytes)
-    except ClientDisconnect:
-        pipeline.count_rejected(st.metrics, "client_disconnected", "v1")
-        return Response(status_code=499)  # nobody is listening; recorded in the request metrics only
+    body = await read_body(request, s.max_upload_bytes)
     parsed = parse_body(body, request.headers.get("content-type"), s.max_images_per_request)
     outcome = await pipeline.infer(
         st,

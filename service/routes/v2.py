@@ -11,12 +11,12 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import APIRouter
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service import pipeline
 from service.http_errors import ServiceError
-from service.inputs import check_declared_length, read_limited
+from service.inputs import read_body
 from service.predictor import Predictor
 from service.protocols import v2
 from service.routes.openapi import (
@@ -91,12 +91,7 @@ async def infer(request: Request) -> Response:
     start = time.perf_counter()
     path: dict[str, str] = request.scope["path_params"]
     p = _model(st, path["name"], path.get("model_version"))
-    check_declared_length(request.headers.get("content-length"), s.max_upload_bytes)
-    try:
-        body = await read_limited(request.stream(), s.max_upload_bytes)
-    except ClientDisconnect:
-        pipeline.count_rejected(st.metrics, "client_disconnected", "v2")
-        return Response(status_code=499)
+    body = await read_body(request, s.max_upload_bytes)
     parsed = v2.parse_infer(
         body,
         request.headers.get(HEADER_LENGTH),
