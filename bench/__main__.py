@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import backends, inputs, protocols, report, run, soak, startup
+from bench import backends, inputs, protocols, report, run, servers, soak, startup
 from model.device import resolve_device
 
 log = logging.getLogger("bench")
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
     temp = Path(tempfile.mkdtemp(prefix="convserve-bench-"))
+    servers.compile_bytecode()  # servers start as from an installed package (.pyc files written)
     workdir = args.workdir or temp
     ok = False
     try:
@@ -179,6 +180,8 @@ def _startup(args: argparse.Namespace, workdir: Path, command: str) -> None:
                                        workdir / "checkpoints" / f"{arch}.safetensors")
              for arch in args.archs.split(",")}
     others = {name: Path(tree).resolve() for name, tree in (kv.split("=", 1) for kv in args.service)}
+    for tree in others.values():
+        servers.compile_bytecode(tree)
     machine = report.machine_info(device)
     res = startup.measure(ckpts, bs.service_env(), workdir / "logs", args.rounds, bs.torch_threads, device,
                           others)
