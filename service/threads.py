@@ -16,9 +16,14 @@ EPYC Zen 4 resnet18's lone image 0.91x. So warm-up times both counts and keeps w
 The timing is cheap by construction: every batch size is warmed once at cores-1 (the default), the
 all-cores count is tried on the lone image and on one batch (the largest warmed size up to
 PROBE_MAX, at half the start-up cost of 16; assumed, not yet re-measured on a quiet machine: 8
-images keep every thread of a 2-16 core machine as busy as 16 do), each timed by the fastest of a
-few runs within a small budget (interference only ever adds time), and the remaining sizes are
+images keep every thread of a 2-16 core machine as busy as 16 do), and the remaining sizes are
 warmed at all cores only when batches will use them.
+
+Each comparison alternates the two thread counts run by run and keeps each one's fastest
+(interference only ever adds time), at least MIN_PAIRS pairs even past the budget. Timing one count
+after the other let a burst of interference land on one side only: on the AMD machine resnet18's
+batch of 8 once read 230 ms on 2 threads against 216 ms on 1 (it takes 100 vs 190), and that
+service ran every batch on one core for its whole life.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,7 +44,9 @@ log = logging.getLogger(__name__)
 LONE_MARGIN = 0.97
 BATCH_MARGIN = 0.75
 PROBE_MAX = 8  # the batch timed for the batch rule: the largest warmed size up to this
-TIMING_BUDGET_S = 0.3  # per (size, threads) pair: repeat a run until this much time is spent, max 3
+TIMING_BUDGET_S = 0.3  # per timed (size, setting): repeat until this much time is spent, max 3
+MIN_PAIRS = 2  # alternating comparisons: at least this many runs of each side, whatever the budget
+LONE_PAIRS = 5  # a lone image is cheap to time: more pairs, within 2 x TIMING_BUDGET_S
 
 
 def warm_sizes(predictor: Runnable, sizes: list[int], stop: threading.Event | None) -> None:
@@ -54,19 +62,23 @@ class Runnable(Protocol):
     def warmup(self, sizes: list[int], stop: threading.Event | None = None) -> float: ...
 
 
-def fastest(predictor: Runnable, n: int, repeats: int = 3, budget_s: float = TIMING_BUDGET_S) -> float:
-    """Fastest of up to `repeats` blank batches of n (at least one) within `budget_s`. Uses run_blank,
-    not warmup: warmup would also reset the trace/compile batch buckets to [n]."""
-    best = float("inf")
+def fastest_alternating(
+    run_a: Callable[[], object], run_b: Callable[[], object], repeats: int = 3,
+    budget_s: float = 2 * TIMING_BUDGET_S, min_pairs: int = MIN_PAIRS,
+) -> tuple[float, float]:
+    """Fastest run of a and of b, the two alternating run by run (drift or a burst of interference
+    lands on both), at least `min_pairs` pairs and up to `repeats` within `budget_s`."""
+    best = [float("inf"), float("inf")]
     spent = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        predictor.run_blank(n)
-        took = time.perf_counter() - start
-        best, spent = min(best, took), spent + took
-        if spent >= budget_s:
+    for i in range(max(repeats, min_pairs)):
+        for side, run in enumerate((run_a, run_b)):
+            start = time.perf_counter()
+            run()
+            took = time.perf_counter() - start
+            best[side], spent = min(best[side], took), spent + took
+        if i + 1 >= min_pairs and spent >= budget_s:
             break
-    return best
+    return best[0], best[1]
 
 
 def at_threads(threads: int, fn, *args):  # type: ignore[no-untyped-def]
@@ -104,10 +116,13 @@ def choose(
     predictor.warmup(sorted({1, top}) if timed_only else sizes, stop)
     if all_threads == few:  # pinned with --torch-threads, or a single core
         return ThreadChoice(few, few, time.perf_counter() - start, top)
-    narrow_one, narrow_top = fastest(predictor, 1), fastest(predictor, top)
     at_threads(all_threads, warm_sizes, predictor, sorted({1, top}), stop)  # kernels for that count first
-    wide_one = at_threads(all_threads, fastest, predictor, 1)
-    wide_top = at_threads(all_threads, fastest, predictor, top)
+
+    def blank(threads: int, n: int) -> Callable[[], object]:
+        return lambda: at_threads(threads, predictor.run_blank, n)
+
+    narrow_one, wide_one = fastest_alternating(blank(few, 1), blank(all_threads, 1), LONE_PAIRS)
+    narrow_top, wide_top = fastest_alternating(blank(few, top), blank(all_threads, top))
     lone = all_threads if wide_one < LONE_MARGIN * narrow_one else few
     batch = all_threads if wide_top < BATCH_MARGIN * narrow_top else few
     rest = [n for n in sizes if n not in (1, top)]
@@ -121,23 +136,17 @@ def choose(
     return ThreadChoice(batch, lone, time.perf_counter() - start, top)
 
 
-def fastest_pair(
-    predictor: Predictor, n: int, a: str, b: str, repeats: int = 3, budget_s: float = 2 * TIMING_BUDGET_S
-) -> tuple[float, float]:
-    """Fastest blank batch of n at precision a and at b, the two alternating run by run (drift on a
-    shared machine lands on both), up to `repeats` pairs (at least one) within `budget_s`."""
-    best = {a: float("inf"), b: float("inf")}
-    spent = 0.0
-    for _ in range(repeats):
-        for name in (a, b):
+def fastest_pair(predictor: Predictor, n: int, a: str, b: str) -> tuple[float, float]:
+    """Fastest blank batch of n at precision a and at b, alternating (fastest_alternating)."""
+
+    def blank(name: str) -> Callable[[], object]:
+        def run() -> None:
             predictor.use(name)
-            start = time.perf_counter()
             predictor.run_blank(n)
-            took = time.perf_counter() - start
-            best[name], spent = min(best[name], took), spent + took
-        if spent >= budget_s:
-            break
-    return best[a], best[b]
+
+        return run
+
+    return fastest_alternating(blank(a), blank(b))
 
 
 def settle_precision(
