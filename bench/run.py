@@ -151,10 +151,12 @@ def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchS
                           baseline_server(ckpt, bs.torch_threads, logs, bs.device)])
     try:
         model_info = http_get(servers[0].port, "/v1/model")[1].decode(errors="replace")
-        # The bound runs batches with the thread count the service's warm-up chose for this model.
-        threads = service_threads(model_info, bs.bound_torch_threads)
 
         def bound_round(rnd: int) -> None:  # every round, so the bound sees the machine the servers see
+            # The bound runs batches with the thread count the service uses now: warm-up's choice,
+            # which the service re-checks on its real batches (service/thread_tuner.py).
+            info = http_get(servers[0].port, "/v1/model")[1].decode(errors="replace")
+            threads = service_threads(info, bs.bound_torch_threads)
             bounds.append(in_process_bound(ckpt, images.paths[0].parent,
                                            max(16, round(sc.bound_count * bs.scale)), bs.max_batch_size,
                                            bs.resolved_decode_threads, threads, device=bs.device))
@@ -167,6 +169,7 @@ def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchS
     # The physical limit, alone on the machine like the bound: GEMM peak on the service's batch
     # threads, and the model's work per image (bench/peak.py). Skipped on CUDA (a CPU GEMM says
     # nothing about a GPU).
+    threads = bounds[-1]["torch_threads"] if bounds else service_threads(model_info, bs.bound_torch_threads)
     peak = machine_peak(ckpt, threads, repeats=3 if bs.rounds <= 1 else 5) if bs.device == "cpu" else None
     return {
         "title": sc.title,

@@ -156,10 +156,10 @@ async def _warm_up_then_ready(state: ServiceState, stop_server: Callable[[], Non
     try:
         # On the inference thread itself: per-thread state (oneDNN kernels per thread count,
         # cuDNN/cuBLAS handles, allocator streams) is then ready where the model runs.
-        state.batch_threads, state.lone_threads = await state.batcher.call_in_worker(
+        state.set_threads(*await state.batcher.call_in_worker(
             warm_up, predictor, settings.warmup_sizes(), settings.lone_threads, state.stopping,
             settings.warmup == "auto",
-        )
+        ))
         state.publish_model()  # --precision auto has chosen by now
         await _warm_decode(state)
         # Load, folding and warm-up freed hundreds of MiB that glibc would keep mapped (idle RSS).

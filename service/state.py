@@ -25,6 +25,7 @@ from service.device_health import device_failure
 from service.metrics import Metrics
 from service.predictor import Job, JobResult, NonFiniteOutput, PrecisionError, Predictor
 from service.settings import Settings
+from service.thread_tuner import ThreadTuner
 
 log = logging.getLogger(__name__)
 # On CUDA the host side of a batch only stacks uint8 images and launches kernels: one torch thread
@@ -154,8 +155,8 @@ class ServiceState:
         self.reload_lock = asyncio.Lock()
         # Torch threads for a batch and for a lone image (batch of one, nothing queued): start-up
         # warm-up replaces these defaults with what it timed as faster (service.state.warm_up).
-        self.batch_threads = settings.batch_threads
-        self.lone_threads = settings.lone_threads
+        self.tuner = ThreadTuner(settings.batch_threads, settings.lone_threads, settings.batch_threads,
+                                 settings.lone_threads, enabled=False)  # set_threads, after warm-up
         self.ready = False
         self.draining = False
         self.failed: str | None = None  # why warm-up failed; the process is stopping then
@@ -187,6 +188,20 @@ class ServiceState:
         self.stopping.set()
         self.metrics.ready.set(0)
 
+    def set_threads(self, batch: int, lone: int) -> None:
+        """What warm-up chose; from now on re-checked on real batches (service/thread_tuner.py)."""
+        s = self.settings
+        cpu = self.device.type == "cpu"
+        self.tuner = ThreadTuner(s.batch_threads, s.lone_threads, batch, lone, enabled=cpu)
+
+    @property
+    def batch_threads(self) -> int:
+        return self.tuner.batch
+
+    @property
+    def lone_threads(self) -> int:
+        return self.tuner.lone
+
     # ---- inference thread ---------------------------------------------------------------------------
     def run_batch(self, jobs: list[Job]) -> list[JobResult | NonFiniteOutput]:
         """Batch function (inference thread). Every job runs on the model its request started with
@@ -198,7 +213,7 @@ class ServiceState:
             groups.setdefault(id(job.predictor), (job.predictor, []))[1].append(i)
         results: list[JobResult | NonFiniteOutput | None] = [None] * len(jobs)
         lone = len(jobs) == 1 and self.batcher.depth == 0
-        threads = self.lone_threads if lone else self.batch_threads
+        threads = self.tuner.threads_for(lone)
         if threads != torch.get_num_threads():  # per-thread OpenMP setting: cheap, no pool rebuild
             torch.set_num_threads(threads)
         start = time.perf_counter()
@@ -215,8 +230,10 @@ class ServiceState:
                 if isinstance(r, NonFiniteOutput):
                     log.error("%s (batch of %d); that request fails", r, len(rows))
                 results[i] = r
+        took = time.perf_counter() - start
+        self.tuner.observe(lone, threads, len(jobs), took)
         m = self.metrics
-        m.stage["inference"].observe(time.perf_counter() - start)
+        m.stage["inference"].observe(took)
         m.batch_size.observe(len(jobs))
         return [r for r in results if r is not None]
 
@@ -242,6 +259,7 @@ class ServiceState:
                 log.warning("reload of %s failed", path, exc_info=True)
                 raise CheckpointError(f"{path}: the model failed its warm-up: {e}") from None
             old, self.predictor = self.predictor, new
+            self.tuner.restart()
             self._publish_model()
             return old, new
 
