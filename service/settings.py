@@ -88,7 +88,8 @@ class Settings(BaseSettings):
         description="torch intra-op threads; 0 = auto: warm-up times the model on cores-1 (leaving a "
         "core to decoding) and on every core; a lone request takes every core whenever that measured "
         "faster (below 0.97x: timing noise), batches only below 0.75x, since they run while the decode "
-        "threads are busy (service/threads.py; GET /v1/model shows the choice)",
+        "threads are busy (service/threads.py); real batches re-check the choice now and then "
+        "(service/thread_tuner.py; GET /v1/model shows the counts in use)",
     )
     warmup: Literal["auto", "all", "pow2", "max"] = Field(
         "auto",
