@@ -164,6 +164,13 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("convserve_ready", "1 when the service is warmed up and not draining", registry=r)
+        self.torch_threads = Gauge(
+            "convserve_torch_threads",
+            "Torch intra-op threads in use for a batch and for a lone image (warm-up's choice, "
+            "re-checked on real batches)",
+            ["kind"],
+            registry=r,
+        )
         self.reloads = Counter(
             "convserve_reloads",
             "Model reloads by trigger (watch: the checkpoint file changed; api: POST /v1/model/reload) "
@@ -181,6 +188,10 @@ class Metrics:
         for protocol in protocols:
             for reason in reasons:
                 self.rejected.labels(reason, protocol)
+
+    def watch_threads(self, batch: Callable[[], int], lone: Callable[[], int]) -> None:
+        self.torch_threads.labels("batch").set_function(lambda: float(batch()))
+        self.torch_threads.labels("lone").set_function(lambda: float(lone()))
 
     def watch_queue(self, depth: Callable[[], int], limit: int) -> None:
         self.queue_depth.set_function(lambda: float(depth()))

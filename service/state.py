@@ -154,7 +154,8 @@ class ServiceState:
         )
         self.reload_lock = asyncio.Lock()
         # Torch threads for a batch and for a lone image (batch of one, nothing queued): start-up
-        # warm-up replaces these defaults with what it timed as faster (service.state.warm_up).
+        # warm-up replaces these defaults with what it timed as faster (service.state.warm_up), and
+        # real batches re-check that choice from then on (set_threads).
         self.tuner = ThreadTuner(settings.batch_threads, settings.lone_threads, settings.batch_threads,
                                  settings.lone_threads, enabled=False)  # set_threads, after warm-up
         self.ready = False
@@ -166,6 +167,7 @@ class ServiceState:
         self.stopping = threading.Event()  # read by a warm-up still running on the inference thread
         self.decoding = 0  # images in the decode pool (event loop only); counts against queue_limit
         metrics.watch_queue(lambda: self.batcher.depth, settings.queue_limit)
+        metrics.watch_threads(lambda: self.batch_threads, lambda: self.lone_threads)
         self._publish_model()
 
     def predicting(self) -> bool:

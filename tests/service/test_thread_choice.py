@@ -152,8 +152,11 @@ def test_model_info_reports_the_threads_in_use(tiny_checkpoint: Path) -> None:
     settings = load_settings(checkpoint=tiny_checkpoint, torch_threads=1, decode_threads=3, warmup="max")
     with ready_client(create_app(settings)) as c:
         serving = c.get("/v1/model").json()["serving"]
+        metrics = c.get("/metrics").text
     assert serving["torch_threads"] == {"batch": 1, "lone": 1}
     assert serving["decode_threads"] == 3
+    assert 'convserve_torch_threads{kind="batch"} 1.0' in metrics
+    assert 'convserve_torch_threads{kind="lone"} 1.0' in metrics
 
 
 def test_timing_keeps_the_trace_buckets(one_thread: None, tiny_checkpoint: Path) -> None:
