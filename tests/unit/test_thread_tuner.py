@@ -83,3 +83,14 @@ def test_a_reload_rechecks_soon() -> None:
     tuner.restart()
     used = drive(tuner, {1: 0.02, 2: 0.01}, thread_tuner.EVERY_FIRST + thread_tuner.WINDOW)
     assert 1 in used
+
+
+def test_a_window_of_one_count_only_decides_nothing() -> None:
+    """restart() runs on the event loop while the inference thread may be inside a window; a window
+    left holding one count must not fail the batch that completes it."""
+    tuner = ThreadTuner(few=1, every_core=2, batch=1, lone=1)
+    kind = tuner.kinds[False]
+    kind.checking = True
+    for _ in range(thread_tuner.WINDOW):
+        tuner.observe(False, 1, 8, 0.1)
+    assert tuner.batch == 1 and not kind.checking
