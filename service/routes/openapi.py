@@ -187,14 +187,19 @@ _EXPLAINED = _obj(
     input_size=_array(_INT),
     timing_ms=_TIMING,
 )
-EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The Grad-CAM heatmap as JSON; with `Accept: image/png`, the overlay itself (the "
-        "class and layer in X-Target and X-Layer)",
-        "content": {**_json(_EXPLAINED), **_PNG},
-    },
-    **errors(_EXPLAIN_ERRORS),
-}
+
+
+def _json_or_png(schema: dict[str, Any], description: str) -> dict[int | str, dict[str, Any]]:
+    """An explain route's answers: `schema` as JSON or, with `Accept: image/png`, the PNG itself."""
+    ok = {"description": description, "content": {**_json(schema), **_PNG}}
+    return {200: ok, **errors(_EXPLAIN_ERRORS)}
+
+
+EXPLAIN_RESPONSES = _json_or_png(
+    _EXPLAINED,
+    "The Grad-CAM heatmap as JSON; with `Accept: image/png`, the overlay itself (the class and layer "
+    "in X-Target and X-Layer)",
+)
 _FEATURES = _obj(
     ["model", "layer", "layers", "kernel_size", "stride", "padding", "output_size", "png"],
     model=_MODEL_REF,
@@ -212,14 +217,11 @@ _FEATURES = _obj(
     png=_B64_PNG,
     ms=_NUM,
 )
-FEATURES_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The feature maps as a PNG grid in JSON; with `Accept: image/png`, the PNG itself "
-        "(the layer's geometry in X-Layer, X-Kernel-Size, X-Stride, X-Padding, X-Output-Size)",
-        "content": {**_json(_FEATURES), **_PNG},
-    },
-    **errors(_EXPLAIN_ERRORS),
-}
+FEATURES_RESPONSES = _json_or_png(
+    _FEATURES,
+    "The feature maps as a PNG grid in JSON; with `Accept: image/png`, the PNG itself (the layer's "
+    "geometry in X-Layer, X-Kernel-Size, X-Stride, X-Padding, X-Output-Size)",
+)
 
 # ---- /v1/model, its samples, the reload ----
 
