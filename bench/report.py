@@ -110,12 +110,27 @@ def paired(sc: dict[str, Any], c: int, key: str, num: str = "service", den: str 
     return statistics.median(ratios) if ratios else float("nan")
 
 
+def _round_shares(sc: dict[str, Any], c: int, server: str) -> list[float]:
+    """Per round: the server's req/s over the bound measured in the same round."""
+    bounds = sc["bound"]["runs"]
+    return [r["rps"] / bounds[r["round"]] for r in sc["runs"]
+            if r["server"] == server and r["concurrency"] == c and r["round"] < len(bounds)]
+
+
 def of_bound(sc: dict[str, Any], c: int, server: str = "service") -> float:
     """Median over rounds of the server's req/s over the bound measured in the same round."""
-    bounds = sc["bound"]["runs"]
-    ratios = [r["rps"] / bounds[r["round"]] for r in sc["runs"]
-              if r["server"] == server and r["concurrency"] == c and r["round"] < len(bounds)]
+    ratios = _round_shares(sc, c, server)
     return statistics.median(ratios) if ratios else float("nan")
+
+
+def of_bound_with_pairs(sc: dict[str, Any], c: int) -> tuple[float, list[float], int]:
+    """The service's share of the bound at c clients over the rounds and the extra back-to-back
+    pairs run at c (bench.run.bound_pairs): (median, every ratio with the rounds' first, extra pairs)."""
+    ratios = _round_shares(sc, c, "service")
+    extra = sc.get("bound_pairs", {})
+    pairs = extra.get("pairs", []) if extra.get("clients") == c else []
+    ratios += [p["service"] / p["bound"] for p in pairs if p["bound"]]
+    return (statistics.median(ratios) if ratios else float("nan")), ratios, len(pairs)
 
 
 def cpu_ratio(sc: dict[str, Any], c: int) -> float:
@@ -220,11 +235,13 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     s = get("resnet18-640", "service", 16)
     if s:
         sc = scs["resnet18-640"]
-        share = of_bound(sc, 16)
+        share, ratios, extra = of_bound_with_pairs(sc, 16)
         cpu = sc["bound"].get("cpu_ms_per_image", NAN) / s["server_cpu_ms"]
         out.append(("resnet18 640x480, 16 clients: ≥ 90% of the in-process bound",
-                    f"{100 * share:.0f}% (bound {sc['bound']['images_per_s']:.1f}/s; bound CPU per image "
-                    f"/ service CPU per request = {100 * cpu:.0f}%)", share >= 0.9))
+                    f"{100 * share:.0f}%, median of {len(ratios)} back-to-back pairs ({len(ratios) - extra} "
+                    f"rounds + {extra} extra; per pair {', '.join(f'{100 * x:.0f}' for x in ratios)}); bound "
+                    f"{sc['bound']['images_per_s']:.1f}/s; bound CPU per image / service CPU per request = "
+                    f"{100 * cpu:.0f}%", share >= 0.9))
         r = s["p99_ms"] / s["p50_ms"]
         out.append(("resnet18 640x480, 16 clients: p99 ≤ 1.5x p50",
                     f"{r:.2f}x ({s['p99_ms']:.0f} / {s['p50_ms']:.0f} ms)", r <= 1.5))

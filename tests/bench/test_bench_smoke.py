@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bench.inputs import generate
 from bench.loadgen import build_request, percentile, run_load
+from bench.report import of_bound_with_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,6 +45,30 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         assert s["rss_after_mb"] > 0
     for info in scenario["servers"].values():
         assert info["cold_start_s"] > 0 and info["idle_rss_mb"] > 0
+    # the extra back-to-back (bound, service) pair that the share-of-bound target also counts
+    assert scenario["bound_pairs"]["clients"] == 4
+    (pair,) = scenario["bound_pairs"]["pairs"]
+    assert pair["bound"] > 0 and pair["service"] > 0
+
+
+def test_share_of_bound_counts_the_rounds_and_the_extra_pairs_at_their_clients() -> None:
+    sc = {
+        "bound": {"runs": [100.0, 50.0]},
+        "runs": [
+            {"server": "service", "concurrency": 16, "round": 0, "rps": 90.0},
+            {"server": "service", "concurrency": 16, "round": 1, "rps": 40.0},
+            {"server": "baseline", "concurrency": 16, "round": 0, "rps": 10.0},
+            {"server": "service", "concurrency": 1, "round": 0, "rps": 30.0},
+        ],
+        "bound_pairs": {
+            "clients": 16,
+            "pairs": [{"bound": 80.0, "service": 76.0}, {"bound": 0.0, "service": 5.0}],
+        },
+    }
+    share, ratios, extra = of_bound_with_pairs(sc, 16)
+    assert ratios == [0.9, 0.8, 0.95] and extra == 2  # a pair without a bound rate is no ratio
+    assert share == 0.9
+    assert of_bound_with_pairs(sc, 1) == (0.3, [0.3], 0)  # pairs run at 16 clients say nothing about 1
 
 
 def test_inputs_are_reproducible(tmp_path: Path) -> None:
