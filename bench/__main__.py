@@ -1,6 +1,6 @@
 """`python -m bench [--out FILE] [--quick] ...`, `python -m bench soak ...`, `python -m bench startup ...`.
 
-The full run takes about 13-15 minutes on 2 cores; `--quick` a few seconds' worth of load (15-40 s
+The full run takes 15-23 minutes on 2 cores, by CPU; `--quick` a few seconds' worth of load (15-40 s
 in all, mostly server start-up). Results: a Markdown report at --out and the raw numbers
 beside it (same name, .json).
 """
