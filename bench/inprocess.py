@@ -8,7 +8,7 @@ Pillow and torch both release the GIL in their heavy loops, so the two really ov
 this pipeline is the ceiling the service is measured against.
 
     python -m bench.inprocess --checkpoint F --images DIR --count N [--batch 16] [--decode-threads 2]
-        [--torch-threads 0] [--precision fp32|bf16] [--components]
+        [--torch-threads 0] [--precision fp32|bf16] [--components] [--clients N]
 
 Prints one JSON object: images/s of the pipeline (and, with --components, of decode alone and of
 inference alone, which say which of the two bounds it).
@@ -21,7 +21,7 @@ import json
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,29 @@ class Bound:
             done += n
         return time.perf_counter() - start
 
+    def closed_loop(self, bodies: list[bytes], count: int, pool: ThreadPoolExecutor, clients: int) -> float:
+        """`clients` images in flight at most, as `clients` closed-loop HTTP clients allow: each
+        decoded image waits for the model, which runs whatever is decoded (up to `batch`) as soon as
+        it is free, and an image's next one starts decoding only when its answer is out: the service's
+        batching without HTTP. Returns seconds for `count` images."""
+        pending: set[Future[torch.Tensor]] = set()
+        submitted = done = 0
+        start = time.perf_counter()
+        while submitted < min(clients, count):
+            pending.add(pool.submit(decode, bodies[submitted % len(bodies)], self.pre))
+            submitted += 1
+        while done < count:
+            ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+            batch = list(ready)[: self.batch]
+            pending.difference_update(batch)
+            self.infer([f.result() for f in batch])
+            done += len(batch)
+            for _ in batch:  # each answered client sends its next image
+                if submitted < count:
+                    pending.add(pool.submit(decode, bodies[submitted % len(bodies)], self.pre))
+                    submitted += 1
+        return time.perf_counter() - start
+
     def decode_only(self, bodies: list[bytes], count: int, pool: ThreadPoolExecutor) -> float:
         start = time.perf_counter()
         list(pool.map(lambda i: decode(bodies[i % len(bodies)], self.pre), range(count)))
@@ -136,6 +159,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             rates.append(args.count / bound.pipeline(bodies, args.count, pool))
             cpu.append((time.process_time() - cpu0) / args.count)
         out["images_per_s"] = sorted(rates)[len(rates) // 2]
+        if args.clients:
+            bound.closed_loop(bodies, min(args.count, 2 * args.clients), pool, args.clients)  # warm
+            out["closed_loop_clients"] = args.clients
+            out["closed_loop_per_s"] = args.count / bound.closed_loop(bodies, args.count, pool, args.clients)
         out["runs"] = rates
         out["cpu_ms_per_image"] = 1000 * sorted(cpu)[len(cpu) // 2]
         if args.components:
@@ -158,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers separate")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N (the service's device)")
     p.add_argument("--components", action="store_true", help="also time decode alone and inference alone")
+    p.add_argument("--clients", type=int, default=0,
+                   help="also time a closed loop with at most this many images in flight (the service's "
+                   "batching for that many clients, without HTTP)")
     json.dump(measure(p.parse_args(argv)), sys.stdout)
     sys.stdout.write("\n")
 

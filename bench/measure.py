@@ -124,22 +124,25 @@ def summarise(name: str, concurrency: int, runs: list[Run]) -> Summary:
 def combine_bounds(bounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One bound per round -> medians (the per-run rates stay in `runs`)."""
     out = dict(bounds[0])
-    for key in ("images_per_s", "decode_only_per_s", "infer_only_per_s", "cpu_ms_per_image"):
+    for key in ("images_per_s", "decode_only_per_s", "infer_only_per_s", "cpu_ms_per_image",
+                "closed_loop_per_s"):
         values = [b[key] for b in bounds if key in b]
         if values:
             out[key] = statistics.median(values)
     out["runs"] = [r for b in bounds for r in b["runs"]]
+    out["closed_loop_runs"] = [b.get("closed_loop_per_s", float("nan")) for b in bounds]
     return out
 
 
 def in_process_bound(checkpoint: Path, images: Path, count: int, batch: int, decode_threads: int,
                      torch_threads: int, precision: str = "fp32", repeats: int = 1,
-                     device: str = "cpu") -> dict[str, Any]:
-    """Run bench.inprocess in its own process (its own torch threads, no client in the way)."""
+                     device: str = "cpu", clients: int = 0) -> dict[str, Any]:
+    """Run bench.inprocess in its own process (its own torch threads, no client in the way);
+    `clients` > 0 also times its closed loop of that many images in flight."""
     cmd = [sys.executable, "-m", "bench.inprocess", "--checkpoint", str(checkpoint), "--images",
            str(images), "--count", str(count), "--batch", str(batch), "--decode-threads",
            str(decode_threads), "--torch-threads", str(torch_threads), "--precision", precision,
-           "--repeats", str(repeats), "--components", "--device", device]
+           "--repeats", str(repeats), "--components", "--device", device, "--clients", str(clients)]
     busy0 = machine_busy_seconds()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -174,8 +174,11 @@ def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchS
             # which the service re-checks on its real batches (service/thread_tuner.py).
             info = http_get(servers[0].port, "/v1/model")[1].decode(errors="replace")
             threads = service_threads(info, bs.bound_torch_threads)
+            # Where the share of the bound is a target, also the closed loop of the pairs' clients:
+            # the service's batching without HTTP, which tells the HTTP cost from the clients' limit.
             return in_process_bound(ckpt, images.paths[0].parent, max(16, round(sc.bound_count * bs.scale)),
-                                    bs.max_batch_size, bs.resolved_decode_threads, threads, device=bs.device)
+                                    bs.max_batch_size, bs.resolved_decode_threads, threads, device=bs.device,
+                                    clients=sc.pair_clients if sc.bound_pairs else 0)
 
         def bound_round(rnd: int) -> None:  # every round, so the bound sees the machine the servers see
             bounds.append(measure_bound())
@@ -215,7 +218,7 @@ def bound_pairs(service: Server, bodies: list[bytes], clients: int, total: int, 
                 bound: Callable[[], dict[str, Any]]) -> list[dict[str, float]]:
     """`count` pairs of (bound, service at `clients` clients, `total` requests) run back to back,
     which goes first swapped each pair so that drift on the machine cancels:
-    [{"bound": images/s, "service": req/s}]."""
+    [{"bound": images/s, "service": req/s, "closed_loop": the bound's closed loop, images/s}]."""
     if not total:
         return []
     prebuilt = [build_request(HOST, service.port, PREDICT, b, "image/jpeg") for b in bodies]
@@ -223,11 +226,12 @@ def bound_pairs(service: Server, bodies: list[bytes], clients: int, total: int, 
     for k in range(count):
         log.info("bound pair %d/%d", k + 1, count)
         first_bound = k % 2 == 0
-        b = bound()["images_per_s"] if first_bound else 0.0
+        b = bound() if first_bound else {}
         rps = measure_once(service, prebuilt, clients, total, -1, min(total, 2 * clients)).result.rps
         if not first_bound:
-            b = bound()["images_per_s"]
-        pairs.append({"bound": b, "service": rps})
+            b = bound()
+        pairs.append({"bound": b["images_per_s"], "service": rps,
+                      "closed_loop": b.get("closed_loop_per_s", float("nan"))})
     return pairs
 
 

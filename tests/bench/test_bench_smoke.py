@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.inputs import generate
 from bench.loadgen import build_request, percentile, run_load
-from bench.report import of_bound_with_pairs
+from bench.report import closed_loop_shares, of_bound_with_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,6 +49,9 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert scenario["bound_pairs"]["clients"] == 4
     (pair,) = scenario["bound_pairs"]["pairs"]
     assert pair["bound"] > 0 and pair["service"] > 0
+    # with it, the in-process closed loop of those clients (the service's batching without HTTP)
+    assert pair["closed_loop"] > 0 and scenario["bound"]["closed_loop_per_s"] > 0
+    assert scenario["bound"]["closed_loop_clients"] == 4
 
 
 def test_share_of_bound_counts_the_rounds_and_the_extra_pairs_at_their_clients() -> None:
@@ -69,6 +72,22 @@ def test_share_of_bound_counts_the_rounds_and_the_extra_pairs_at_their_clients()
     assert ratios == [0.9, 0.8, 0.95] and extra == 2  # a pair without a bound rate is no ratio
     assert share == 0.9
     assert of_bound_with_pairs(sc, 1) == (0.3, [0.3], 0)  # pairs run at 16 clients say nothing about 1
+
+
+def test_closed_loop_shares_split_the_gap_into_http_and_in_flight_images() -> None:
+    sc = {
+        "bound": {"runs": [100.0, 50.0], "closed_loop_runs": [80.0, float("nan")]},
+        "runs": [
+            {"server": "service", "concurrency": 16, "round": 0, "rps": 72.0},
+            {"server": "service", "concurrency": 16, "round": 1, "rps": 40.0},  # no loop that round
+        ],
+        "bound_pairs": {"clients": 16, "pairs": [{"bound": 60.0, "service": 45.0, "closed_loop": 50.0}]},
+    }
+    of_loop, loop_share = closed_loop_shares(sc, 16)
+    assert of_loop == 0.9  # median of 72/80 and 45/50
+    assert abs(loop_share - (0.8 + 50 / 60) / 2) < 1e-12  # median of 80/100 and 50/60
+    nan_a, nan_b = closed_loop_shares({"bound": {"runs": [1.0]}, "runs": []}, 16)
+    assert nan_a != nan_a and nan_b != nan_b  # never run: NaN, not a number made up
 
 
 def test_inputs_are_reproducible(tmp_path: Path) -> None:
