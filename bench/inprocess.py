@@ -11,7 +11,8 @@ this pipeline is the ceiling the service is measured against.
         [--torch-threads 0] [--precision fp32|bf16] [--components] [--clients N]
 
 Prints one JSON object: images/s of the pipeline (and, with --components, of decode alone and of
-inference alone, which say which of the two bounds it).
+inference alone, which say which of the two bounds it; with --clients N, of a closed loop with at most
+N images in flight, which is what N closed-loop HTTP clients would allow with no HTTP cost).
 """
 
 from __future__ import annotations
