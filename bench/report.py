@@ -123,12 +123,17 @@ def of_bound(sc: dict[str, Any], c: int, server: str = "service") -> float:
     return statistics.median(ratios) if ratios else float("nan")
 
 
+def _pairs_at(sc: dict[str, Any], c: int) -> list[dict[str, float]]:
+    """The extra back-to-back pairs (bench.run.bound_pairs) if they ran at c clients."""
+    extra = sc.get("bound_pairs", {})
+    return list(extra.get("pairs", [])) if extra.get("clients") == c else []
+
+
 def of_bound_with_pairs(sc: dict[str, Any], c: int) -> tuple[float, list[float], int]:
     """The service's share of the bound at c clients over the rounds and the extra back-to-back
     pairs run at c (bench.run.bound_pairs): (median, every ratio with the rounds' first, extra pairs)."""
     ratios = _round_shares(sc, c, "service")
-    extra = sc.get("bound_pairs", {})
-    pairs = extra.get("pairs", []) if extra.get("clients") == c else []
+    pairs = _pairs_at(sc, c)
     ratios += [p["service"] / p["bound"] for p in pairs if p["bound"]]
     return (statistics.median(ratios) if ratios else float("nan")), ratios, len(pairs)
 
@@ -143,8 +148,7 @@ def closed_loop_shares(sc: dict[str, Any], c: int) -> tuple[float, float]:
         if r["server"] == "service" and r["concurrency"] == c and r["round"] < len(loops):
             svc.append(r["rps"] / loops[r["round"]])
             loop.append(loops[r["round"]] / sc["bound"]["runs"][r["round"]])
-    extra = sc.get("bound_pairs", {})
-    for p in extra.get("pairs", []) if extra.get("clients") == c else []:
+    for p in _pairs_at(sc, c):
         if p["bound"] and p.get("closed_loop"):
             svc.append(p["service"] / p["closed_loop"])
             loop.append(p["closed_loop"] / p["bound"])

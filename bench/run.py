@@ -223,12 +223,17 @@ def bound_pairs(service: Server, bodies: list[bytes], clients: int, total: int, 
         return []
     prebuilt = [build_request(HOST, service.port, PREDICT, b, "image/jpeg") for b in bodies]
     pairs: list[dict[str, float]] = []
+
+    def served() -> float:
+        return measure_once(service, prebuilt, clients, total, -1, min(total, 2 * clients)).result.rps
+
     for k in range(count):
         log.info("bound pair %d/%d", k + 1, count)
-        first_bound = k % 2 == 0
-        b = bound() if first_bound else {}
-        rps = measure_once(service, prebuilt, clients, total, -1, min(total, 2 * clients)).result.rps
-        if not first_bound:
+        if k % 2 == 0:
+            b = bound()
+            rps = served()
+        else:
+            rps = served()
             b = bound()
         pairs.append({"bound": b["images_per_s"], "service": rps,
                       "closed_loop": b.get("closed_loop_per_s", float("nan"))})
