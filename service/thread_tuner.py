@@ -27,7 +27,7 @@ EVERY_MAX = 2048  # the longest interval between re-checks
 WINDOW = 4  # batches per re-check: other, current, other, current
 
 
-def bucket(n: int) -> int:
+def size_range(n: int) -> int:
     """Batch sizes compared with each other: the same power-of-two range (per-image time depends on
     the batch size, little within such a range)."""
     return n.bit_length()
@@ -89,7 +89,7 @@ class ThreadTuner:
         if len(kind.window) < WINDOW:
             return
         window, kind.window, kind.checking = kind.window, [], False
-        if len({bucket(n) for _, n, _ in window}) > 1:  # sizes too different to compare: later
+        if len({size_range(n) for _, n, _ in window}) > 1:  # sizes too different to compare: later
             kind.countdown = kind.every
             return
         best = {t: min(s for tt, _, s in window if tt == t) for t, _, _ in window}
