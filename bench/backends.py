@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -95,7 +96,7 @@ def alternate(workers: Mapping[K, WorkerProcess], sizes: list[int], rounds: int,
 
 
 def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, rounds: int,
-               workdir: Path, min_s: float) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+               workdir: Path, min_s: float) -> tuple[list[dict[str, Any]], list[dict[str, float | None]]]:
     """Every variant in a worker process of its own (bench/backend_worker.py says why), all alive, asked
     in turn: per round the matmul peak here, then each batch size on each variant, the order rotated
     each round; after each call the worker is left to go idle before the next one runs."""
@@ -112,13 +113,13 @@ def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, 
             w.wait_ready()
             w.settle()
         top1 = {key: w.ask({"top1": True})["top1"] for key, w in workers.items()}
-        peaks: list[dict[str, float]] = []
+        peaks: list[dict[str, float | None]] = []
         rates, after = alternate(workers, sizes, rounds, min_s, lambda: peaks.append(peak_gflops(threads)))
         ready = {key: w.ready for key, w in workers.items()}
     finally:
         for w in workers.values():
             w.close()
-    peak = {name: statistics.median(p[name] for p in peaks) for name in peaks[0]}
+    peak = {name: _median_or_none([p[name] for p in peaks]) for name in peaks[0]}
     reference = top1[("torch", "fp32")]
     rows = []
     for runtime, precision in workers:
@@ -130,7 +131,8 @@ def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, 
             rows.append({"arch": arch, "runtime": runtime, "precision": precision, "batch": b,
                          "images_per_s": ips, "vs_torch_fp32": ips / base,
                          "rounds": rates[((runtime, precision), b)],
-                         "peak_share": ips * prep["gflop"] / peak[precision], "top1_agreement": agree,
+                         "peak_share": ips * prep["gflop"] / (peak[precision] or math.nan),
+                         "top1_agreement": agree,
                          "cpu_after_call_s": statistics.median(after[(runtime, precision)]),
                          "worker_rss_mb": ready[(runtime, precision)]["rss_mb"]})
     return rows, peaks
@@ -174,13 +176,23 @@ def through_service(arch: str, prep: dict[str, Any], bodies: list[bytes], workdi
     return rows
 
 
+def _median_or_none(values: list[float | None]) -> float | None:
+    """None where the peak was not measured (bf16 without bf16 hardware, bench/peak.py)."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _gflops(v: float | None) -> str:
+    return "not measured (no bf16 hardware)" if v is None else f"{v:.0f}"
+
+
 def render(result: dict[str, Any]) -> str:
     peaks = result["peak_gflops"]
     lines = [
         f"command: `{result['command']}` ({result.get('minutes', float('nan')):.1f} min)",
         f"CPU: {result['cpu']}, {result['threads']} thread(s), load average {result.get('load', '?')}; "
         "peak (the better of a 2048^3 matmul and a 3x3 convolution, median of every round): "
-        f"fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f}, "
+        f"fp32 {peaks['fp32']:.0f}, bf16 {_gflops(peaks['bf16'])}, "
         f"int8 {peaks['int8']:.0f} GFLOP/s (GOP/s) in the same run.", "",
         "Model-only (one worker process per variant, alternating rounds, medians):", "",
         "| model | runtime | precision | batch | images/s | x torch fp32 | share of peak | top-1 agreement |",
@@ -251,7 +263,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> dict[str, Any]
                                                  args.torch_threads, args.max_batch_size, args.service_rounds)
             loads.append(os.getloadavg()[0])
         log.info("%s done", arch)
-    result["peak_gflops"] = {k: statistics.median(p[k] for p in result["peak_rounds"]) for k in PRECISIONS}
+    result["peak_gflops"] = {k: _median_or_none([p[k] for p in result["peak_rounds"]]) for k in PRECISIONS}
     result["load"] = f"{min(loads):.1f}-{max(loads):.1f}"
     result["minutes"] = (time.perf_counter() - began) / 60
     args.out.write_text(render(result))

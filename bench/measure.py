@@ -164,6 +164,7 @@ def machine_peak(checkpoint: Path, threads: int, repeats: int = 5) -> dict[str, 
         raise RuntimeError(f"peak measurement failed:\n{proc.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     peaks = out["peak_gflops"]
-    log.info("  peak matmul on %d thread(s): fp32 %.0f, bf16 %.0f GFLOP/s; model %.3f GFLOP/image", threads,
-             peaks["fp32"], peaks["bf16"], out["gflop_per_image"])
+    bf16 = "not measured (no bf16 hardware)" if peaks["bf16"] is None else f"{peaks['bf16']:.0f}"
+    log.info("  peak matmul on %d thread(s): fp32 %.0f, bf16 %s GFLOP/s; model %.3f GFLOP/image", threads,
+             peaks["fp32"], bf16, out["gflop_per_image"])
     return out

@@ -194,9 +194,10 @@ def limit_line(sc: dict[str, Any]) -> str:
     p, g = peak["peak_gflops"], peak["gflop_per_image"]
     prec = server_precision(sc, "service")
     top = p.get(prec) or p["fp32"]
+    bf16 = "not measured (no bf16 hardware)" if p.get("bf16") is None else _f(p["bf16"], 0)
     return (f"Physical limit: peak of a {peak['matmul_n']}^3 matmul or a 3x3 convolution, the better, on "
             f"{peak['threads']} thread(s) (the service's "
-            f"batch count), same run: fp32 {_f(p['fp32'], 0)}, bf16 {_f(p['bf16'], 0)} GFLOP/s; the model "
+            f"batch count), same run: fp32 {_f(p['fp32'], 0)}, bf16 {bf16} GFLOP/s; the model "
             f"does {g:.3f} GFLOP per image (2 FLOPs per multiply-add), so the {prec} peak allows at most "
             f"{_f(top / g if g else NAN)} images/s. `GFLOP/s` = req/s x GFLOP/image, `% of peak` its share "
             "of the peak at the server's precision (the baseline: fp32).")
@@ -353,6 +354,9 @@ def render(results: dict[str, Any], machine: dict[str, Any], settings: dict[str,
                     + (f"{100 * a['top1_agreement']:.1f}% of {a['images']} | {a['max_prob_diff']:.2e} |"
                        if a else ("reference | reference |" if name == "fp32" else "- | - |"))
                 )
+        for var in results["variants"]:
+            for name, why in var.get("skipped", {}).items():
+                lines.append(f"\n{var['key']}: {name} not run: {why}.")
     lines += ["", "## Targets (issue 5)", "", "| target | measured | met |", "|---|---|---|"]
     for name, measured, met in targets(results):
         lines.append(f"| {name} | {measured} | {'yes' if met else 'NO' if met is not None else '-'} |")

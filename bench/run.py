@@ -257,16 +257,34 @@ def service_precision(model_info: str) -> str:
         return "fp32"
 
 
+def runnable_modes(
+    modes: tuple[str, ...], device: str, bf16_flags: list[str] | None = None
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The modes worth running here, and why the others are not. bf16 on a CPU without bf16
+    hardware is torch's scalar fallback (AMD EPYC Zen 3: 1.3 GFLOP/s, so resnet18's 128 requests
+    would take many minutes), and `--precision auto` never picks it there."""
+    from service.cpu_flags import cpu_bf16_flags  # torch-free: this process must not load torch
+
+    flags = cpu_bf16_flags() if bf16_flags is None else bf16_flags
+    if "bf16" in modes and device == "cpu" and not flags:
+        why = "no bf16 hardware (no avx512_bf16, amx_bf16 or bf16 in /proc/cpuinfo)"
+        return tuple(m for m in modes if m != "bf16"), {"bf16": why}
+    return modes, {}
+
+
 def run_variants(key: str, ckpt: Path, sets: dict[str, ImageSet], image_set: str, concurrency: int,
                  total: int, modes: tuple[str, ...], bs: BenchSettings, logs: Path) -> dict[str, Any]:
     """fp32 vs bf16 vs torch.compile services on one model: throughput, and agreement with fp32."""
     log.info("== precision/compile: %s", key)
     images = sets[image_set]
+    modes, skipped = runnable_modes(modes, bs.device)
+    for name, why in skipped.items():
+        log.info("  %s skipped: %s", name, why)
     variants = {m: MODES[m] for m in modes}
     servers = _start_all([service_server(ckpt, bs.service_env(**extra), logs, name=name)
                           for name, extra in variants.items()])
     try:
-        out: dict[str, Any] = {"key": key, "concurrency": concurrency,
+        out: dict[str, Any] = {"key": key, "concurrency": concurrency, "skipped": skipped,
                                "servers": {s.name: _server_info(s) for s in servers}}
         if len(variants) > 1:
             bodies = images.load()

@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from service.cpu_flags import cpu_bf16_flags
 
 log = logging.getLogger(__name__)
 BATCH_GAIN = 0.9  # the candidate's batch must take below 0.9x fp32's time: timing noise is ~5%
 LONE_LOSS = 1.1  # and its lone image at most 1.1x: an idle-time latency loss traded for throughput
 PROBE_COUNT = 16  # one full default batch: ~0.3 s of resnet18 fp32 on 2 cores
 AGREEMENT_BAR = 1.0  # share of probe images whose top-1 must agree: all of them
-_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 _DISC_LOW, _DISC_SPAN = torch.tensor([-0.6, -0.6, 0.15]), torch.tensor([1.2, 1.2, 0.4])  # x, y, radius
 
 
@@ -64,19 +64,6 @@ class Choice:
     def describe(self) -> dict[str, Any]:
         return {"setting": self.setting, "precision": self.precision, "reason": self.reason,
                 "measured": asdict(self.measured) if self.measured else None}
-
-
-def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
-    """The bf16 flags of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on aarch64)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            have = set(line.split(":", 1)[1].split())
-            return [f for f in _CPU_BF16_FLAGS if f in have]
-    return []
 
 
 def candidate(

@@ -134,8 +134,9 @@ class Predictor:
         self._runtimes: dict[str, Runtime] = {self.precision: self.runtime}
         if setting != "auto":
             self.precision_choice = Choice(setting, self.precision, f"set by --precision {setting}")
-        elif self.candidate is None:
+        elif self.candidate is None:  # decided now, nothing to time: said here as warm-up says its own
             self.precision_choice = Choice(setting, self.precision, f"auto: fp32, {why}")
+            log.info("precision %s", self.precision_choice.reason)
         else:
             assert isinstance(loaded, Loaded) and isinstance(self.runtime, TorchRuntime)
             self._runtimes[self.candidate] = self._candidate_runtime(loaded, self.runtime, channels_last,

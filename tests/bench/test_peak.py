@@ -13,6 +13,7 @@ from torch import nn
 from bench import backends
 from bench.peak import gflop_per_image, peak_gflops
 from bench.report import limit_line, peak_share, scenario_table
+from service.cpu_flags import cpu_bf16_flags
 
 
 def test_a_convolution_counts_two_flops_per_multiply_add() -> None:
@@ -31,11 +32,24 @@ def test_resnet18_is_twice_torchvisions_multiply_adds() -> None:
 def test_peak_is_measured_per_precision_and_shared_with_backends() -> None:
     before = torch.get_num_threads()
     try:
-        peaks = peak_gflops(1, n=64, repeats=2)
+        peaks = peak_gflops(1, n=64, repeats=2, bf16=True)  # tiny: cheap even where bf16 is emulated
+        default = peak_gflops(1, n=64, repeats=2, int8=False)  # bf16 as /proc/cpuinfo says
     finally:
         torch.set_num_threads(before)
-    assert set(peaks) == {"fp32", "bf16", "int8"} and all(v > 0 for v in peaks.values())
+    assert set(peaks) == {"fp32", "bf16", "int8"} and all(v is not None and v > 0 for v in peaks.values())
     assert backends.peak_gflops is peak_gflops  # one implementation, imported by both benches
+    assert set(default) == {"fp32", "bf16"} and default["fp32"] is not None and default["fp32"] > 0
+    # Without bf16 hardware torch's bf16 is a scalar fallback (minutes for 2048^3): not measured.
+    assert (default["bf16"] is not None) == bool(cpu_bf16_flags())
+
+
+def test_a_cpu_without_bf16_hardware_gets_no_bf16_peak() -> None:
+    peaks = peak_gflops(1, n=64, repeats=2, bf16=False, int8=False)
+    assert peaks["bf16"] is None
+    sc = scenario({**PEAK, "peak_gflops": {"fp32": 200.0, "bf16": None}}, precision="fp32")
+    line = limit_line(sc)
+    assert "bf16 not measured (no bf16 hardware)" in line and "at most 54.9 images/s" in line  # 200/3.64
+    assert peak_share(sc, "service", 40.0) == pytest.approx((145.6, 145.6 / 200))
 
 
 def scenario(peak: dict[str, Any] | None, precision: str = "bf16") -> dict[str, Any]:
@@ -71,3 +85,13 @@ def test_a_run_without_a_peak_says_so() -> None:
     table = "\n".join(scenario_table(sc))
     assert "| - | - |" in table
     assert "not measured" in limit_line(sc)
+
+
+def test_bf16_modes_are_skipped_without_bf16_hardware() -> None:
+    from bench.run import runnable_modes
+
+    modes = ("fp32", "bf16", "trace")
+    kept, skipped = runnable_modes(modes, "cpu", [])
+    assert kept == ("fp32", "trace") and "no bf16 hardware" in skipped["bf16"]
+    assert runnable_modes(modes, "cpu", ["avx512_bf16"]) == (modes, {})
+    assert runnable_modes(modes, "cuda", []) == (modes, {})  # the GPU's bf16 is its own question

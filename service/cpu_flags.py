@@ -1,0 +1,21 @@
+"""Which bf16 instructions the CPU has, read from /proc/cpuinfo: no torch here, so the benchmark's
+parent process (which must not load torch) asks the same question `--precision auto` asks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 (AMX, AVX-512) and aarch64 ("Features")
+
+
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The bf16 flags of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on aarch64)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            have = set(line.split(":", 1)[1].split())
+            return [f for f in BF16_FLAGS if f in have]
+    return []
