@@ -65,7 +65,11 @@ def test_the_heat_map_lands_in_the_quadrant_holding_the_shape(trained_shapes: Pa
             image = torch.from_numpy(drawn).permute(2, 0, 1)
             cam, _, target = explain.grad_cam(pre.normalize(image[None]), None)
             mass = quadrant_mass(cam)
-            if CLASSES[target] != kind or mass[quadrant] < 0.5 or max(mass) != mass[quadrant]:
+            # The shape's quadrant holds the most, at least twice any other quadrant and 0.4 of the
+            # whole (chance: 0.25). The fixture's weights differ by CPU: on an AMD Zen 3 one square
+            # had 0.48 there against 0.22 next, which a flat ">= 0.5" failed.
+            others = max(m for i, m in enumerate(mass) if i != quadrant)
+            if CLASSES[target] != kind or mass[quadrant] < 0.4 or mass[quadrant] < 2 * others:
                 failures.append((kind, quadrant, CLASSES[target], [round(m, 2) for m in mass]))
     assert not failures, failures
 
