@@ -40,6 +40,21 @@ PRECISIONS = ("fp32", "bf16", "int8")
 K = TypeVar("K")  # what names a variant
 
 
+def runnable_variants(
+    bf16_flags: list[str] | None = None,
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The variants worth running on this CPU, and why the others are not: torch bf16 without bf16
+    hardware is torch's scalar fallback (AMD EPYC Zen 3: resnet18 at a few images per minute), which
+    nobody would serve and `--precision auto` never picks (bench.run.runnable_modes, for the modes)."""
+    from service.cpu_flags import cpu_bf16_flags  # torch-free, like the rest of this parent process
+
+    flags = cpu_bf16_flags() if bf16_flags is None else bf16_flags
+    if flags:
+        return list(VARIANTS), {}
+    why = "no bf16 hardware (no avx512_bf16, amx_bf16 or bf16 in /proc/cpuinfo)"
+    return [v for v in VARIANTS if v != ("torch", "bf16")], {"torch bf16": why}
+
+
 def bench_images(arch: str, workdir: Path, bodies: list[bytes], trained: Path | None) -> dict[str, Any]:
     """Checkpoint (a trained convnet, else random weights), its Loaded, the decoded images (uint8),
     the second half of them for agreement and float batches of the first half to calibrate on."""
@@ -96,7 +111,8 @@ def alternate(workers: Mapping[K, WorkerProcess], sizes: list[int], rounds: int,
 
 
 def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, rounds: int,
-               workdir: Path, min_s: float) -> tuple[list[dict[str, Any]], list[dict[str, float | None]]]:
+               workdir: Path, min_s: float, variants: list[tuple[str, str]],
+               ) -> tuple[list[dict[str, Any]], list[dict[str, float | None]]]:
     """Every variant in a worker process of its own (bench/backend_worker.py says why), all alive, asked
     in turn: per round the matmul peak here, then each batch size on each variant, the order rotated
     each round; after each call the worker is left to go idle before the next one runs."""
@@ -104,7 +120,7 @@ def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, 
     torch.save({"images": prep["images"], "eval": prep["eval"]}, images)
     workers: dict[tuple[str, str], Worker] = {}
     try:
-        for runtime, precision in VARIANTS:
+        for runtime, precision in variants:
             path = prep["int8"] if precision == "int8" else prep["checkpoint"]
             workers[(runtime, precision)] = Worker(
                 path, runtime, "bf16" if precision == "bf16" else "fp32", images, sizes, threads,
@@ -139,12 +155,13 @@ def model_only(arch: str, prep: dict[str, Any], sizes: list[int], threads: int, 
 
 
 def through_service(arch: str, prep: dict[str, Any], bodies: list[bytes], workdir: Path, clients: int,
-                    requests: int, threads: int, max_batch: int, rounds: int) -> list[dict[str, Any]]:
+                    requests: int, threads: int, max_batch: int, rounds: int,
+                    variants: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """One service per variant, started one after another (cold start and idle RSS read while the
     others sit idle), all kept up and loaded in turn for `rounds` rounds of `requests` each."""
     servers = {}
     with contextlib.ExitStack() as stack:
-        for runtime, precision in VARIANTS:
+        for runtime, precision in variants:
             path = prep["int8"] if precision == "int8" else prep["checkpoint"]
             settings = {"runtime": runtime, "precision": "bf16" if precision == "bf16" else "fp32",
                         "max_batch_size": str(max_batch), "export_cache_dir": str(workdir / "cache")}
@@ -195,6 +212,7 @@ def render(result: dict[str, Any]) -> str:
         f"fp32 {peaks['fp32']:.0f}, bf16 {_gflops(peaks['bf16'])}, "
         f"int8 {peaks['int8']:.0f} GFLOP/s (GOP/s) in the same run.", "",
         "Model-only (one worker process per variant, alternating rounds, medians):", "",
+        *[f"Not run: {name}, {why}.\n" for name, why in result.get("skipped", {}).items()],
         "| model | runtime | precision | batch | images/s | x torch fp32 | share of peak | top-1 agreement |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -207,7 +225,8 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", "CPU a worker used after answering, before it went idle (median per call, all models): "
               + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in spin.items())]
     if result["service"]:
-        lines += ["", f"Through the service ({result['service'][0]['clients']} clients, all six up, "
+        up = len({(r["runtime"], r["precision"]) for r in result["service"]})
+        lines += ["", f"Through the service ({result['service'][0]['clients']} clients, all {up} up, "
                   "loaded in turn, medians of the rounds):", "",
                   "| model | runtime | precision | clients | req/s | x torch fp32 | p50 ms | p99 ms "
                   "| errors | cold start s | idle RSS MiB |", "|---" * 11 + "|"]
@@ -247,20 +266,25 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> dict[str, Any]
     threads = args.threads or usable_cores()
     sets = generate(args.inputs or workdir / "inputs", args.seed, quick=False)
     sizes = sorted({1, args.max_batch_size})
+    variants, skipped = runnable_variants()
+    for name, why in skipped.items():
+        log.info("%s not run: %s", name, why)
     result: dict[str, Any] = {"command": command, "cpu": machine_info().get("cpu", "?"), "threads": threads,
-                              "model_only": [], "peak_rounds": [], "service": [],
+                              "model_only": [], "peak_rounds": [], "service": [], "skipped": skipped,
                               "image_size": backend_sizes()}
     loads = [os.getloadavg()[0]]
     for arch in args.archs.split(","):
         bodies = sets[ARCHS[arch]].load()
         prep = prepare(arch, workdir, bodies, args.trained_checkpoint)
-        rows, peaks = model_only(arch, prep, sizes, threads, args.rounds, workdir, args.min_seconds)
+        rows, peaks = model_only(arch, prep, sizes, threads, args.rounds, workdir, args.min_seconds,
+                                 variants)
         result["model_only"] += rows
         result["peak_rounds"] += peaks
         loads.append(os.getloadavg()[0])
         if args.requests:
             result["service"] += through_service(arch, prep, bodies, workdir, args.clients, args.requests,
-                                                 args.torch_threads, args.max_batch_size, args.service_rounds)
+                                                 args.torch_threads, args.max_batch_size, args.service_rounds,
+                                                 variants)
             loads.append(os.getloadavg()[0])
         log.info("%s done", arch)
     result["peak_gflops"] = {k: _median_or_none([p[k] for p in result["peak_rounds"]]) for k in PRECISIONS}

@@ -139,3 +139,19 @@ def test_worker_that_cannot_load_says_why(tmp_path: Path) -> None:
         Worker(tmp_path / "missing.safetensors", "torch", "fp32", pt, [1], 1, tmp_path,
                tmp_path / "w.log").wait_ready()
     assert "missing.safetensors" in str(err.value)
+
+
+def test_torch_bf16_is_left_out_without_bf16_hardware_and_the_report_says_so() -> None:
+    from bench.backends import runnable_variants
+
+    kept, skipped = runnable_variants([])
+    assert ("torch", "bf16") not in kept and len(kept) == len(VARIANTS) - 1
+    assert "no bf16 hardware" in skipped["torch bf16"]
+    assert runnable_variants(["avx512_bf16"]) == (VARIANTS, {})
+    result = result_fixture()
+    result["skipped"] = skipped
+    result["model_only"] = [r for r in result["model_only"] if (r["runtime"], r["precision"]) in kept]
+    result["service"] = [r for r in result["service"] if (r["runtime"], r["precision"]) in kept]
+    text = render(result)
+    assert "Not run: torch bf16, no bf16 hardware" in text
+    assert "all 5 up" in text and "| convnet | torch | bf16 |" not in text
