@@ -6,8 +6,9 @@ uses via `model.preprocess.open_image`, so serving and evaluation see the same t
 test_parity.py). This module only adds what a server needs in front of that: which formats are
 allowed, how big an image may be, and an `ImageError` with a stable code for everything that goes wrong.
 
-Runs in the service's decode thread pool: no module state is written after import, Pillow's globals
-(`MAX_IMAGE_PIXELS`, `LOAD_TRUNCATED_IMAGES`, warning filters) are never touched.
+Runs in the service's decode thread pool (a small upload on its event loop): no module state is
+written after import, Pillow's globals (`MAX_IMAGE_PIXELS`, `LOAD_TRUNCATED_IMAGES`, warning
+filters) are never touched.
 """
 
 from __future__ import annotations
@@ -84,12 +85,23 @@ if missing := [f for f in ALLOWED_FORMATS if f not in Image.OPEN]:
     raise ImportError(f"no Pillow plugin registered for the served format(s) {missing}")
 
 
+class DecodeElsewhere(Exception):
+    """The header names more pixels than `defer_above`: the caller decodes this image on another
+    thread (the service decodes small uploads on its event loop, large ones in its pool)."""
+
+
 def decode_image(
-    data: bytes, preprocess: Preprocess, max_pixels: int, content_type: str | None = None
+    data: bytes,
+    preprocess: Preprocess,
+    max_pixels: int,
+    content_type: str | None = None,
+    defer_above: int | None = None,
 ) -> Image.Image:
     """Bytes -> prepared PIL image (upright, first frame, in `preprocess`'s channels, fully decoded).
 
-    Raises ImageError: unsupported_media_type (415), too_many_pixels (413), corrupt_image (400).
+    Raises ImageError: unsupported_media_type (415), too_many_pixels (413), corrupt_image (400);
+    DecodeElsewhere when the image is within `max_pixels` but above `defer_above` (only the header
+    has been read then).
     """
     declared = _declared_type(content_type)
     if not data:
@@ -105,6 +117,9 @@ def decode_image(
             "too_many_pixels",
             f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
         )
+    if defer_above is not None and width * height > defer_above:
+        img.close()
+        raise DecodeElsewhere(f"{width}x{height}")
     try:
         prepared = preprocess.prepare(img)
         prepared.load()  # force the whole decode here, so a truncated file fails now, not in the batch
@@ -123,10 +138,15 @@ def decode_image(
 
 
 def decode_to_tensor(
-    data: bytes, preprocess: Preprocess, max_pixels: int, content_type: str | None = None
+    data: bytes,
+    preprocess: Preprocess,
+    max_pixels: int,
+    content_type: str | None = None,
+    defer_above: int | None = None,
 ) -> torch.Tensor:
-    """Bytes -> (C, H, W) uint8 tensor after the geometry step; `preprocess.normalize` runs per batch."""
-    img = decode_image(data, preprocess, max_pixels, content_type)
+    """Bytes -> (C, H, W) uint8 tensor after the geometry step; `preprocess.normalize` runs per batch.
+    `defer_above`: see decode_image."""
+    img = decode_image(data, preprocess, max_pixels, content_type, defer_above)
     try:
         return preprocess.to_uint8(img)  # (C, H, W) uint8
     except Exception as e:

@@ -14,8 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.preprocess import Preprocess
 from service import pipeline
@@ -213,3 +215,48 @@ def test_a_disconnect_drops_the_queued_work() -> None:
 
     asyncio.run(scenario())
     assert sum(len(b) for b in host.batches) == 1  # the dropped job never reached the model
+
+
+def _decode_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int | None]]:
+    """Record which thread each decode ran on and its `defer_above` (the real decode still runs)."""
+    seen: list[tuple[str, int | None]] = []
+    real = pipeline._decode_timed
+
+    def recording(*args: Any) -> Any:
+        seen.append((threading.current_thread().name, args[4] if len(args) > 4 else None))
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "_decode_timed", recording)
+    return seen
+
+
+def test_a_lone_small_upload_decodes_on_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _decode_threads(monkeypatch)
+    host = FakeHost()
+    out = _infer(host, [Upload(images.jpeg(), "image/jpeg")], protocol="v1")
+    assert [r.top1_label for r in out.results] == ["a"]
+    assert seen == [(threading.main_thread().name, pipeline.INLINE_PIXELS)]  # no pool hand-off
+    assert host.batches[0][0].image.shape == (3, 16, 16) and host.decoding == 0
+    bad = _infer(FakeHost(), [Upload(b"junk", None)], protocol="v1")  # errors come back the same way
+    assert isinstance(bad.items[0], ImageError) and bad.items[0].code == "corrupt_image"
+
+
+def test_many_pixels_in_few_bytes_and_several_uploads_use_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _decode_threads(monkeypatch)
+    host = FakeHost()
+    flat = images.encode(Image.new("RGB", (1024, 1024), (200, 30, 30)), "PNG")  # 1 MP in a few KiB
+    assert len(flat) <= pipeline.INLINE_BYTES and pipeline.INLINE_PIXELS < 1024 * 1024
+    out = _infer(host, [Upload(flat, "image/png")], protocol="v1")
+    assert isinstance(out.items[0], JobResult)
+    main = threading.main_thread().name
+    assert seen[0] == (main, pipeline.INLINE_PIXELS)  # the header only, then handed on
+    assert seen[1][0] != main and seen[1][1] is None
+    seen.clear()
+    _infer(FakeHost(), [Upload(images.jpeg(), None)] * 2)
+    assert len(seen) == 2 and all(name != main for name, _ in seen)
+    seen.clear()
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    big = images.encode(Image.fromarray(noise, "RGB"), "JPEG", quality=95)  # 90k pixels, many bytes
+    assert len(big) > pipeline.INLINE_BYTES
+    _infer(FakeHost(), [Upload(big, None)])
+    assert [name != main for name, _ in seen] == [True]

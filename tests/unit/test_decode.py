@@ -314,3 +314,15 @@ def test_image_error_status_comes_from_the_table() -> None:
 def test_docs_show_the_error_table_as_the_code_defines_it() -> None:
     doc = Path(__file__).resolve().parents[2] / "docs" / "images.md"
     assert error_table_markdown() in doc.read_text(), "regenerate with service.errors.error_table_markdown()"
+
+
+def test_defer_above_reads_only_the_header_and_the_pixel_limit_comes_first() -> None:
+    from service.decode import DecodeElsewhere
+
+    data = images.jpeg((96, 64))
+    assert decode_to_tensor(data, RGB_PRE, 10**6, defer_above=96 * 64).shape == (3, 64, 64)
+    with pytest.raises(DecodeElsewhere, match="96x64"):
+        decode_to_tensor(data, RGB_PRE, 10**6, defer_above=96 * 64 - 1)
+    with pytest.raises(ImageError) as e:  # over the hard limit: refused, whoever would decode it
+        decode_to_tensor(data, RGB_PRE, 100, defer_above=50)
+    assert e.value.code == "too_many_pixels"
