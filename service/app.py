@@ -44,6 +44,7 @@ from service.metrics import Metrics
 from service.middleware import InFlight, RequestContextMiddleware
 from service.predictor import WarmupStopped
 from service.protocols import PROTOCOLS
+from service.routes.predict import FastPredict
 from service.settings import Settings, load_settings
 from service.state import ServiceState, build_predictor, warm_up
 from service.watch import start_watching, stop_watching
@@ -90,6 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.in_flight = in_flight
     app.state.explainer = Explainer(settings, metrics)
     routes.install(app, settings.ui)
+    # Added first = innermost: inside CORS and the request context (id, metrics, last-resort 500s).
+    app.add_middleware(FastPredict)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
