@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import backends, inputs, protocols, report, run, servers, soak, startup
+from bench import backends, inputs, protocols, report, run, servers, soak, startup, trees
 from model.device import resolve_device
 
 log = logging.getLogger("bench")
@@ -81,10 +81,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
     v.add_argument("--concurrency", default="1,16", help="comma-separated")
     v.add_argument("--requests", type=int, default=400, help="requests per protocol, concurrency and round")
     v.add_argument("--rounds", type=int, default=3)
+    t = sub.add_parser("trees", help="the service from several checkouts and the baseline, one run")
+    _common(t)
+    t.add_argument("--service", action="append", default=[], metavar="NAME=DIR",
+                   help="a service run from checkout DIR (repeatable; the first is the 'before' of the "
+                        "ratios; default: this checkout alone)")
+    t.add_argument("--arch", default="convnet")
+    t.add_argument("--image-set", default="small64", choices=sorted(inputs.SETS))
+    t.add_argument("--concurrency", default="1,32", help="comma-separated")
+    t.add_argument("--requests", type=int, default=500, help="requests per server, concurrency and round")
+    t.add_argument("--rounds", type=int, default=6)
     b = sub.add_parser("backends", help="torch/onnxruntime/openvino, fp32/bf16/int8, side by side")
     _common(b)
     backends.add_arguments(b)
-    if not argv or argv[0] not in ("run", "soak", "startup", "backends", "protocols", "-h", "--help"):
+    commands = ("run", "soak", "startup", "backends", "protocols", "trees", "-h", "--help")
+    if not argv or argv[0] not in commands:
         argv = ["run", *argv]
     return p.parse_args(argv)
 
@@ -149,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(text + f"\nMachine: {machine}\n")
             raw = {"machine": machine, "protocols": res}
             args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+        elif args.command == "trees":
+            ckpt = run.make_checkpoint(args.arch, 1000 if args.arch != "convnet" else 10,
+                                       workdir / "checkpoints" / f"{args.arch}.safetensors")
+            at = {int(c): args.requests for c in args.concurrency.split(",")}
+            checkouts = {name: Path(d).resolve() for name, d in (kv.split("=", 1) for kv in args.service)}
+            res = trees.compare(ckpt, sets[args.image_set], bs.service_env(), workdir / "logs", checkouts, at,
+                                args.rounds, bs.torch_threads)
+            args.out.write_text(trees.render(res, f"{args.arch}, {args.image_set}", command, machine))
+            args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "trees": res}, indent=1))
         else:
             bs.rounds = args.rounds or (1 if quick else 5)
             bs.scale = args.scale
