@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                     "env OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset")}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if args.command == "soak":
-            ckpt = run.make_checkpoint(args.arch, 1000 if args.arch != "convnet" else 10,
-                                       workdir / "checkpoints" / f"{args.arch}.safetensors")
+            ckpt = _checkpoint(args.arch, workdir)
             concs = [int(c) for c in args.concurrency.split(",")]
             res = soak.soak(ckpt, sets[args.image_set], bs.service_env(), workdir / "logs", args.requests,
                             concs, chunk=args.chunk)
@@ -151,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(text)
             args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "soak": res}, indent=1))
         elif args.command == "protocols":
-            ckpt = run.make_checkpoint(args.arch, 1000 if args.arch != "convnet" else 10,
-                                       workdir / "checkpoints" / f"{args.arch}.safetensors")
+            ckpt = _checkpoint(args.arch, workdir)
             at = {int(c): args.requests for c in args.concurrency.split(",")}
             res = protocols.compare(ckpt, sets[args.image_set], bs.service_env(), workdir / "logs", at,
                                     args.rounds)
@@ -161,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             raw = {"machine": machine, "protocols": res}
             args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
         elif args.command == "trees":
-            ckpt = run.make_checkpoint(args.arch, 1000 if args.arch != "convnet" else 10,
-                                       workdir / "checkpoints" / f"{args.arch}.safetensors")
+            ckpt = _checkpoint(args.arch, workdir)
             at = {int(c): args.requests for c in args.concurrency.split(",")}
             checkouts = {name: Path(d).resolve() for name, d in (kv.split("=", 1) for kv in args.service)}
             res = trees.compare(ckpt, sets[args.image_set], bs.service_env(), workdir / "logs", checkouts, at,
@@ -189,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.info("kept %s (logs and checkpoints)", temp)
     return 0
+
+
+def _checkpoint(arch: str, workdir: Path) -> Path:
+    """The random-weight checkpoint soak, protocols and trees serve (ImageNet's 1000 classes; the
+    convnet its 10)."""
+    classes = 1000 if arch != "convnet" else 10
+    return run.make_checkpoint(arch, classes, workdir / "checkpoints" / f"{arch}.safetensors")
 
 
 def _startup(args: argparse.Namespace, workdir: Path, command: str) -> None:

@@ -46,13 +46,12 @@ def runnable_variants(
     """The variants worth running on this CPU, and why the others are not: torch bf16 without bf16
     hardware is torch's scalar fallback (AMD EPYC Zen 3: resnet18 at a few images per minute), which
     nobody would serve and `--precision auto` never picks (bench.run.runnable_modes, for the modes)."""
-    from service.cpu_flags import cpu_bf16_flags  # torch-free, like the rest of this parent process
+    from service.cpu_flags import NO_BF16, cpu_bf16_flags  # torch-free, like the rest of this parent process
 
     flags = cpu_bf16_flags() if bf16_flags is None else bf16_flags
     if flags:
         return list(VARIANTS), {}
-    why = "no bf16 hardware (no avx512_bf16, amx_bf16 or bf16 in /proc/cpuinfo)"
-    return [v for v in VARIANTS if v != ("torch", "bf16")], {"torch bf16": why}
+    return [v for v in VARIANTS if v != ("torch", "bf16")], {"torch bf16": NO_BF16}
 
 
 def bench_images(arch: str, workdir: Path, bodies: list[bytes], trained: Path | None) -> dict[str, Any]:

@@ -263,12 +263,11 @@ def runnable_modes(
     """The modes worth running here, and why the others are not. bf16 on a CPU without bf16
     hardware is torch's scalar fallback (AMD EPYC Zen 3: 1.3 GFLOP/s, so resnet18's 128 requests
     would take many minutes), and `--precision auto` never picks it there."""
-    from service.cpu_flags import cpu_bf16_flags  # torch-free: this process must not load torch
+    from service.cpu_flags import NO_BF16, cpu_bf16_flags  # torch-free: this process must not load torch
 
     flags = cpu_bf16_flags() if bf16_flags is None else bf16_flags
     if "bf16" in modes and device == "cpu" and not flags:
-        why = "no bf16 hardware (no avx512_bf16, amx_bf16 or bf16 in /proc/cpuinfo)"
-        return tuple(m for m in modes if m != "bf16"), {"bf16": why}
+        return tuple(m for m in modes if m != "bf16"), {"bf16": NO_BF16}
     return modes, {}
 
 

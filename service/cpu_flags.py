@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 (AMX, AVX-512) and aarch64 ("Features")
+NO_BF16 = "no bf16 hardware (no avx512_bf16, amx_bf16 or bf16 in /proc/cpuinfo)"  # why bf16 is not used
 
 
 def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:

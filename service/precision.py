@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from service.cpu_flags import cpu_bf16_flags
+from service.cpu_flags import NO_BF16, cpu_bf16_flags
 
 log = logging.getLogger(__name__)
 BATCH_GAIN = 0.9  # the candidate's batch must take below 0.9x fp32's time: timing noise is ~5%
@@ -84,7 +84,7 @@ def candidate(
     flags = cpu_bf16_flags() if cpu_flags is None else cpu_flags
     if flags:
         return "bf16", "/".join(flags)
-    return None, "no bf16 hardware (no avx512_bf16, amx_bf16 or bf16 in /proc/cpuinfo)"
+    return None, NO_BF16
 
 
 def decide(m: Measured) -> Choice:
