@@ -11,7 +11,8 @@
 #   VARIANT          cpu | cuda
 #   TORCH_INDEX_URL  extra pip index for torch, e.g. https://download.pytorch.org/whl/cpu (a CPU-only
 #                    torch makes the CPU image about 5 GB smaller) or .../whl/cu130
-#   EXTRAS           optional dependency groups of pyproject.toml to add (default: digits)
+#   EXTRAS           optional dependency groups of pyproject.toml to add (default: digits,onnx: onnx is
+#                    what --runtime auto, the default, may choose on the CPU; ~140 MB)
 #   CHECKPOINT       a checkpoint file in the build context to bake in as /models/model.safetensors
 
 ARG VARIANT=cpu
@@ -43,7 +44,7 @@ LABEL org.opencontainers.image.title="convserve" \
       org.opencontainers.image.description="CNN image classifier: model server and trainer" \
       org.opencontainers.image.licenses="Apache-2.0"
 ARG TORCH_INDEX_URL=""
-ARG EXTRAS=digits
+ARG EXTRAS=digits,onnx
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # Fixed ids so a mounted /models can be made readable/writable from the host (chown 10001).

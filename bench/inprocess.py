@@ -3,12 +3,13 @@
 Decode + preprocess (model.preprocess.open_image -> to_uint8, exactly the service's decode path) run
 in a pool of decode threads, overlapped with batched channels_last inference in the main thread, with
 the same model (BatchNorm folded into the convolutions, as the service loads it), torch threads,
-decode threads, batch size and precision as the service under test.
+decode threads, batch size and precision as the service under test, and its runtime: torch, or
+with --onnx the ONNX Runtime sessions the service runs on its exported file.
 Pillow and torch both release the GIL in their heavy loops, so the two really overlap. Throughput of
 this pipeline is the ceiling the service is measured against.
 
     python -m bench.inprocess --checkpoint F --images DIR --count N [--batch 16] [--decode-threads 2]
-        [--torch-threads 0] [--precision fp32|bf16] [--components] [--clients N]
+        [--torch-threads 0] [--precision fp32|bf16] [--onnx FILE] [--components] [--clients N]
 
 Prints one JSON object: images/s of the pipeline (and, with --components, of decode alone and of
 inference alone, which say which of the two bounds it; with --clients N, of a closed loop with at most
@@ -22,6 +23,7 @@ import json
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -54,16 +56,21 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 class Bound:
     def __init__(self, checkpoint: Path, batch: int, precision: str = "fp32", channels_last: bool = True,
-                 fold: bool = True, device: str = "cpu"):
+                 fold: bool = True, device: str = "cpu", onnx: Path | None = None):
         loaded = load_checkpoint(checkpoint)
         self.pre = loaded.preprocess
         self.dtype = DTYPES[precision]
         self.batch = batch
-        self.channels_last = channels_last
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.channels_last = channels_last and onnx is None
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         model = fold_batchnorm(loaded.model) if fold else loaded.model
         self.device = torch.device(device)
-        self.model = model.to(device=self.device, dtype=self.dtype).to(memory_format=fmt).eval()
+        self.model: Callable[[torch.Tensor], torch.Tensor] = (
+            model.to(device=self.device, dtype=self.dtype).to(memory_format=fmt).eval())
+        if onnx is not None:  # the service serves ONNX Runtime (--runtime auto chose it): so does the bound
+            from service.runtimes.onnxruntime import OnnxRuntime
+
+            self.model = OnnxRuntime(onnx, "fp32").run  # the service's sessions: same options, same file
 
     def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
@@ -139,7 +146,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     bound = Bound(args.checkpoint, args.batch, args.precision, not args.no_channels_last, not args.no_fold,
-                  args.device)
+                  args.device, args.onnx)
     bound.warmup()
     bodies = [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
     if not bodies:
@@ -151,6 +158,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "precision": args.precision,
         "device": args.device,
+        "runtime": "onnxruntime" if args.onnx else "torch",
     }
     with ThreadPoolExecutor(args.decode_threads, thread_name_prefix="decode") as pool:
         bound.pipeline(bodies, min(args.count, 2 * args.batch), pool)  # warm the pool and allocator
@@ -185,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers separate")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N (the service's device)")
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="run inference with ONNX Runtime on this exported file (the service's, when it "
+                   "serves onnxruntime) instead of torch")
     p.add_argument("--components", action="store_true", help="also time decode alone and inference alone")
     p.add_argument("--clients", type=int, default=0,
                    help="also time a closed loop with at most this many images in flight (the service's "

@@ -136,13 +136,15 @@ def combine_bounds(bounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def in_process_bound(checkpoint: Path, images: Path, count: int, batch: int, decode_threads: int,
                      torch_threads: int, precision: str = "fp32", repeats: int = 1,
-                     device: str = "cpu", clients: int = 0) -> dict[str, Any]:
+                     device: str = "cpu", clients: int = 0, onnx: str | None = None) -> dict[str, Any]:
     """Run bench.inprocess in its own process (its own torch threads, no client in the way);
-    `clients` > 0 also times its closed loop of that many images in flight."""
+    `clients` > 0 also times its closed loop of that many images in flight; `onnx`: the exported
+    file the service serves with ONNX Runtime."""
     cmd = [sys.executable, "-m", "bench.inprocess", "--checkpoint", str(checkpoint), "--images",
            str(images), "--count", str(count), "--batch", str(batch), "--decode-threads",
            str(decode_threads), "--torch-threads", str(torch_threads), "--precision", precision,
-           "--repeats", str(repeats), "--components", "--device", device, "--clients", str(clients)]
+           "--repeats", str(repeats), "--components", "--device", device, "--clients", str(clients),
+           *(["--onnx", onnx] if onnx else [])]
     busy0 = machine_busy_seconds()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
@@ -231,7 +232,8 @@ def scenario_table(sc: dict[str, Any]) -> list[str]:
     lines.append(
         f"\nIn-process bound: **{_f(b['images_per_s'])} images/s**, {_f(b.get('cpu_ms_per_image', NAN))} CPU "
         f"ms/image (batch {b['batch']}, {b['decode_threads']} decode threads, {b['torch_threads']} torch "
-        f"threads, {b['precision']}; median of {len(b['runs'])} runs of {b['count']} images, one per round "
+        f"threads, {b.get('runtime', 'torch')} {b['precision']}; median of {len(b['runs'])} runs of "
+        f"{b['count']} images, one per round "
         f"between the server runs: {', '.join(_f(r) for r in b['runs'])}). Decode alone "
         f"{_f(b.get('decode_only_per_s', NAN))} images/s, inference alone "
         f"{_f(b.get('infer_only_per_s', NAN))} images/s."
@@ -240,7 +242,18 @@ def scenario_table(sc: dict[str, Any]) -> list[str]:
            if "closed_loop_per_s" in b else "")
     )
     lines.append("\n" + limit_line(sc))
+    choice = service_runtime_choice(sc)
+    if choice:
+        lines.append(f"\nThe service's runtime: {choice}.")
     return lines
+
+
+def service_runtime_choice(sc: dict[str, Any]) -> str:
+    """What the service said about its runtime in /v1/model (`runtime_choice.reason`), or ''."""
+    try:
+        return str(json.loads(sc.get("service_model", ""))["runtime_choice"]["reason"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:

@@ -74,7 +74,7 @@ QUICK = [
 VARIANT_LOADS = [("modes-convnet", 32, 1000, ("fp32", "bf16", "trace", "compile")),
                  ("modes-resnet18", 16, 128, ("fp32", "bf16", "trace"))]
 MODES: dict[str, dict[str, str]] = {
-    "fp32": {},
+    "fp32": {"runtime": "torch"},  # the reference: torch fp32 (the default, auto, may serve onnxruntime)
     "bf16": {"precision": "bf16"},
     "trace": {"compile": "trace"},
     "compile": {"compile": "compile"},
@@ -176,9 +176,11 @@ def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchS
             threads = service_threads(info, bs.bound_torch_threads)
             # Where the share of the bound is a target, also the closed loop of the pairs' clients:
             # the service's batching without HTTP, which tells the HTTP cost from the clients' limit.
+            # The runtime too is the service's (--runtime auto may serve onnxruntime).
             return in_process_bound(ckpt, images.paths[0].parent, max(16, round(sc.bound_count * bs.scale)),
                                     bs.max_batch_size, bs.resolved_decode_threads, threads, device=bs.device,
-                                    clients=sc.pair_clients if sc.bound_pairs else 0)
+                                    clients=sc.pair_clients if sc.bound_pairs else 0,
+                                    onnx=service_onnx_file(info))
 
         def bound_round(rnd: int) -> None:  # every round, so the bound sees the machine the servers see
             bounds.append(measure_bound())
@@ -247,6 +249,15 @@ def service_threads(model_info: str, fallback: int) -> int:
     except (ValueError, KeyError, TypeError):
         log.warning("/v1/model has no serving.torch_threads; the bound uses %d thread(s)", fallback)
         return fallback
+
+
+def service_onnx_file(model_info: str) -> str | None:
+    """The exported file a running service serves with ONNX Runtime, or None (it serves torch)."""
+    try:
+        runtime = json.loads(model_info)["runtime"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return str(runtime["onnx_file"]) if runtime.get("name") == "onnxruntime" else None
 
 
 def service_precision(model_info: str) -> str:

@@ -20,3 +20,26 @@ def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
             have = set(line.split(":", 1)[1].split())
             return [f for f in BF16_FLAGS if f in have]
     return []
+
+
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """What identifies this kind of CPU for a measured choice kept across restarts: vendor, model
+    name, family, model, stepping and a hash of the full flag list (the same name has shipped with
+    other flags), from the first CPU in /proc/cpuinfo; empty where there is none."""
+    import hashlib
+
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    wanted = {"vendor_id": "vendor", "model name": "model_name", "cpu family": "family", "model": "model",
+              "stepping": "stepping", "CPU implementer": "vendor", "CPU part": "model"}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in wanted:
+            out[wanted[key]] = value
+        elif key in ("flags", "Features"):
+            out["flags_sha256"] = hashlib.sha256(" ".join(sorted(value.split())).encode()).hexdigest()[:16]
+    return out

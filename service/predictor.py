@@ -23,10 +23,12 @@ import torch
 
 from model.checkpoint import CheckpointError, Loaded, file_sha256
 from model.onnx_file import OnnxArtifact
+from service import runtime_choice
 from service.optimize import allow_graphs, bucket
 from service.precision import Choice, candidate
 from service.runtimes import Runtime, build_runtime, load_source
 from service.runtimes.torch import TorchRuntime
+from service.settings import usable_cores
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -110,7 +112,24 @@ class Predictor:
         self.ref = {"name": self.name, "version": self.version, "sha256": self.sha256}
         self.temperature = _temperature(loaded, calibration)  # None: raw softmax
         self.device = device
+        self._cache_dir = export_cache_dir
         setting = precision
+        runtime_setting = runtime
+        # --runtime auto (service/runtime_choice.py): torch until warm-up has timed the candidate
+        # beside it, or straight away what an earlier start on this kind of machine measured.
+        self.runtime_candidate: str | None = None
+        self._choice_key: str | None = None
+        recalled: tuple[runtime_choice.Choice, Path] | None = None
+        if runtime == "auto":
+            runtime = "onnxruntime" if isinstance(loaded, OnnxArtifact) else "torch"
+            onnx_file = isinstance(loaded, OnnxArtifact)
+            cand, cand_why = runtime_choice.candidate(device, precision, compile, onnx_file)
+            if cand is not None:
+                self._choice_key = runtime_choice.machine_key(self.sha256, cand, precision, max_batch_size,
+                                                              usable_cores())
+                recalled = runtime_choice.recall(loaded.path, self.sha256, export_cache_dir, self._choice_key)
+                if recalled is not None and recalled[0].runtime == cand:
+                    runtime = cand
         # --precision auto: serve fp32 until warm-up has timed and probed the candidate beside it
         # (service.threads.settle_precision); None when the hardware or runtime offers none.
         self.candidate: str | None = None
@@ -131,7 +150,10 @@ class Predictor:
             compile=compile, fold_bn=fold_bn, cache_dir=export_cache_dir,
         )
         self.precision = self.runtime.precision  # int8 for a quantized file
+        # The runtimes built, by variant: a precision of the torch runtime ("fp32", "bf16"), or the
+        # name of another runtime ("onnxruntime"); `variant` is the one in use.
         self._runtimes: dict[str, Runtime] = {self.precision: self.runtime}
+        self.variant = self.precision
         if setting != "auto":
             self.precision_choice = Choice(setting, self.precision, f"set by --precision {setting}")
         elif self.candidate is None:  # decided now, nothing to time: said here as warm-up says its own
@@ -143,6 +165,18 @@ class Predictor:
                                                                      compile)
             self.precision_choice = Choice(setting, self.precision,
                                            f"auto: fp32 until warm-up has timed {self.candidate} ({why})")
+        self.runtime_choice = runtime_choice.Choice(runtime_setting, runtime, f"set by --runtime {runtime}")
+        if recalled is not None:
+            kept, where = recalled
+            self.runtime_choice = dataclasses.replace(
+                kept, reason=f"{kept.reason}; measured by an earlier start on this machine, kept in {where}")
+            log.info("runtime %s", self.runtime_choice.reason)
+        elif runtime_setting == "auto" and cand is None:
+            self.runtime_choice = runtime_choice.Choice("auto", runtime, f"auto: {runtime}, {cand_why}")
+            log.info("runtime %s", self.runtime_choice.reason)
+        elif runtime_setting == "auto":  # built now, timed at warm-up
+            assert cand is not None
+            self.runtime_choice = self._runtime_candidate(loaded, cand, fold_bn, export_cache_dir)
         self.model = self.runtime.model  # the torch callable; None for the ONNX backends
         self.folded_bn = self.runtime.folded_bn
         self.channels_last = getattr(self.runtime, "channels_last", False)
@@ -175,17 +209,56 @@ class Predictor:
         rt.folded_bn = fp32.folded_bn
         return rt
 
-    def use(self, precision: str) -> None:
-        """Run with one of the runtimes built (auto: fp32 and the candidate) from now on."""
-        rt = self._runtimes[precision]
+    def _runtime_candidate(self, loaded: Loaded | OnnxArtifact, name: str, fold_bn: bool,
+                           cache_dir: Path | None) -> runtime_choice.Choice:
+        """Build --runtime auto's candidate beside torch. One that fails to export or to match torch
+        on the probe batch is not fatal: torch serves, and says why."""
+        try:
+            rt = build_runtime(name, loaded, self.device, sha256=self.sha256, fold_bn=fold_bn,
+                               cache_dir=cache_dir)
+        except Exception as e:  # any export or session failure: an optional speed-up, not a reason to stop
+            why = f"auto: torch, {name} could not run the model ({e})"
+            choice = runtime_choice.Choice("auto", "torch", why)
+            log.warning("runtime %s", choice.reason)
+            return choice
+        self._runtimes[name] = rt
+        self.runtime_candidate = name
+        return runtime_choice.Choice("auto", "torch", f"auto: torch until warm-up has timed {name}")
+
+    def use(self, variant: str) -> None:
+        """Run with one of the runtimes built (auto: fp32 and the candidates) from now on."""
+        rt = self._runtimes[variant]
         self.runtime, self.precision, self.dtype, self.model = rt, rt.precision, rt.input_dtype, rt.model
+        self.variant = variant
 
     def settle(self, choice: Choice) -> None:
-        """Keep the chosen runtime only (auto's decision), and say why in /v1/model."""
+        """Keep the chosen precision's runtime only (auto's decision), and say why in /v1/model; a
+        runtime candidate not yet timed stays."""
         self.use(choice.precision)
-        self._runtimes = {choice.precision: self.runtime}
+        kept = {choice.precision: self.runtime}
+        if self.runtime_candidate is not None:
+            kept[self.runtime_candidate] = self._runtimes[self.runtime_candidate]
+        self._runtimes = kept
         self.candidate = None
         self.precision_choice = choice
+
+    def settle_runtime(self, choice: runtime_choice.Choice) -> None:
+        """Keep the chosen runtime only (--runtime auto's decision): the other one's memory (a
+        resnet18's weights, an ONNX Runtime session) is freed."""
+        assert self.runtime_candidate is not None
+        served = self.runtime_candidate if choice.runtime == self.runtime_candidate else next(
+            v for v in self._runtimes if v != self.runtime_candidate)
+        self.use(served)
+        self._runtimes = {served: self.runtime}
+        self.runtime_candidate = None
+        self.runtime_choice = choice
+        self.folded_bn = self.runtime.folded_bn
+        self.channels_last = getattr(self.runtime, "channels_last", False)
+        if self._choice_key is not None and choice.measured is not None:  # the next start reads it
+            runtime_choice.remember(self.path, self.sha256, self._cache_dir, self._choice_key, choice)
+        if self.precision_choice.precision != self.precision:  # torch bf16 lost to an fp32 runtime
+            self.precision_choice = Choice(self.precision_choice.setting, self.precision,
+                                           f"{self.precision} ({choice.runtime} runs fp32; {choice.reason})")
 
     def top1(self, images: torch.Tensor, precision: str) -> torch.Tensor:
         """Top-1 class of (N, C, H, W) uint8 images at one of the built precisions; leaves that one on."""
@@ -295,9 +368,11 @@ class Predictor:
 
     @property
     def eager_cpu(self) -> bool:
-        """The eager torch model on the CPU: nothing is compiled, traced or autotuned per batch size,
-        so a size never run before costs little more the first time (resnet18: ~15 ms on 60-540 ms)."""
-        return self.device.type == "cpu" and self.compile == "off" and self.runtime.name == "torch"
+        """The eager torch model, or ONNX Runtime, on the CPU: nothing is compiled, traced or autotuned
+        per batch size, so a size never run before costs little more the first time (resnet18: ~15
+        ms on 60-540 ms in torch; onnxruntime's first batch of 16 took 1.0x its second, Zen 3)."""
+        eager = self.runtime.name in ("torch", "onnxruntime")
+        return self.device.type == "cpu" and self.compile == "off" and eager
 
     def run_blank(self, n: int) -> None:
         """One blank batch of n through the model, checked for NaN/inf; leaves the buckets alone."""
@@ -333,6 +408,7 @@ class Predictor:
             "runtime": {
                 "name": self.runtime.name, "version": self.runtime.version, **self.runtime.describe()
             },
+            "runtime_choice": self.runtime_choice.describe(),
             "channels_last": self.channels_last,
             "compile": self.compile,
             "batchnorm_folded": self.folded_bn,

@@ -32,10 +32,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
-    runtime: Literal["torch", "onnxruntime", "openvino"] = Field(
-        "torch",
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto",
         description="inference backend: torch (eager/trace/compile), onnxruntime or openvino (CPU; the "
-        "checkpoint is exported to ONNX at load, cached beside it, and checked against torch)",
+        "checkpoint is exported to ONNX at load, cached beside it, and checked against torch); auto: "
+        "onnxruntime where it is installed and warm-up measured it faster than torch, else torch "
+        "(service/runtime_choice.py; GET /v1/model runtime_choice says which and why)",
     )
     export_cache_dir: Path | None = Field(
         None,

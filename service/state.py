@@ -97,9 +97,11 @@ def warm_reloaded(predictor: Predictor, sizes: list[int], threads_in_use: tuple[
     """A reload's warm-up at the (batch, lone) counts in use; --precision auto decides first, timed
     beside live traffic (so a busy service leans to whichever precision the noise favours)."""
     start = time.perf_counter()
+    batch, lone = threads_in_use[0], threads_in_use[-1]
     if getattr(predictor, "candidate", None) is not None:
-        batch, lone = threads_in_use[0], threads_in_use[-1]
         threads.settle_precision(predictor, sizes, batch, lone)
+    if getattr(predictor, "runtime_candidate", None) is not None:
+        threads.settle_runtime(predictor, sizes, batch, lone, every_count=threads_in_use)
     return warm_at(predictor, sizes, threads_in_use) + (time.perf_counter() - start)
 
 
@@ -124,10 +126,13 @@ def warm_up(
     chosen = threads.choose(predictor, sizes, all_threads, stop, timed_only)
     took = chosen.took_s
     warmed = sorted({1, chosen.top}) if timed_only else sizes
+    start = time.perf_counter()
     if getattr(predictor, "candidate", None) is not None:  # --precision auto with a candidate
-        start = time.perf_counter()
         threads.settle_precision(predictor, warmed, chosen.batch, chosen.lone, stop, fp32_warm=True)
-        took += time.perf_counter() - start
+    if getattr(predictor, "runtime_candidate", None) is not None:  # --runtime auto with a candidate
+        threads.settle_runtime(predictor, warmed, chosen.batch, chosen.lone, stop,
+                               every_count=(few, all_threads))
+    took += time.perf_counter() - start
     if timed_only:
         log.info("warm-up (eager CPU: the timed sizes only, --warmup pow2 for every power of two) took %.2fs",
                  took)

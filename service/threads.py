@@ -37,7 +37,7 @@ from typing import Protocol
 
 import torch
 
-from service import precision
+from service import precision, runtime_choice
 from service.predictor import Predictor, WarmupStopped
 
 log = logging.getLogger(__name__)
@@ -185,4 +185,34 @@ def settle_precision(
         if predictor.compile != "off":  # the buckets are every warmed size, as predictor.warmup sets them
             predictor.buckets = sorted(set(sizes))
     log.info("precision %s (%.2fs to decide)", choice.reason, time.perf_counter() - start)
+    return choice
+
+
+def settle_runtime(
+    predictor: Predictor, sizes: list[int], batch_threads: int, lone_threads: int,
+    stop: threading.Event | None = None, every_count: tuple[int, ...] = (),
+) -> runtime_choice.Choice:
+    """--runtime auto (service/runtime_choice.py): what torch serves now (after --precision auto has
+    settled) and the candidate timed alternately on a lone image at `lone_threads` and on one batch
+    (the thread rule's) at `batch_threads`, as settle_precision does. Leaves only the winner in the
+    predictor. The candidate is warmed at the sizes torch was warmed at, and at each of
+    `every_count` on a lone image: ONNX Runtime makes a session per thread count, and the thread
+    tuner will try the other count on live batches."""
+    cand = predictor.runtime_candidate
+    assert cand is not None
+    start = time.perf_counter()
+    served = predictor.variant
+    top = probe_size(sizes)
+    predictor.use(cand)
+    for n in dict.fromkeys((lone_threads, *every_count)):
+        at_threads(n, warm_sizes, predictor, [1], stop)
+    at_threads(batch_threads, warm_sizes, predictor, [top], stop)
+    torch_one, cand_one = at_threads(lone_threads, fastest_pair, predictor, 1, served, cand)
+    torch_top, cand_top = at_threads(batch_threads, fastest_pair, predictor, top, served, cand)
+    choice = runtime_choice.decide(runtime_choice.Measured(cand, predictor._runtimes[served].precision, top,
+                                                           torch_top, cand_top, torch_one, cand_one))
+    predictor.settle_runtime(choice)
+    if choice.runtime == cand:
+        at_threads(batch_threads, warm_sizes, predictor, [n for n in sizes if n not in (1, top)], stop)
+    log.info("runtime %s (%.2fs to decide)", choice.reason, time.perf_counter() - start)
     return choice

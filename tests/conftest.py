@@ -138,6 +138,10 @@ def run_server(
     # scripts/gpu-check.sh sets CONVSERVE_TEST_DEVICE=auto to run the service tests on the GPU; tests
     # whose premise is CPU speed (slow models, 504, queue depth, drain) pass device="cpu" themselves.
     env["CONVSERVE_DEVICE"] = os.environ.get("CONVSERVE_TEST_DEVICE", "cpu")
+    # torch unless told: the default (auto) would export and time onnxruntime at each start and serve
+    # whichever ran faster on this machine, which changes what a test measures from one CPU to the
+    # next; tests/service/test_runtime_auto.py runs the default itself.
+    env["CONVSERVE_RUNTIME"] = "torch"
     env["PYTHONPATH"] = str(REPO)
     for key, value in settings.items():
         env[f"CONVSERVE_{key.upper()}"] = str(value)

@@ -9,6 +9,7 @@ checkpoint folder falls back to --export-cache-dir, else a folder in the system 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,13 +43,34 @@ def cache_key(sha256: str, runtime: str, version: str, fold_bn: bool) -> str:
     )
 
 
-def cache_paths(checkpoint: Path, sha256: str, runtime: str, cache_dir: Path | None) -> list[Path]:
-    """Where to look, in order: beside the checkpoint, then the fallback folder."""
+def cache_paths(checkpoint: Path, sha256: str, suffix: str, cache_dir: Path | None) -> list[Path]:
+    """Where to look for a file derived from the checkpoint (`suffix`: `onnxruntime.onnx`), in order:
+    beside the checkpoint, then the fallback folder."""
     fallback = cache_dir or Path(tempfile.gettempdir()) / "convserve-export-cache"
     return [
-        checkpoint.with_name(f"{checkpoint.name}.{runtime}.onnx"),
-        fallback / f"{checkpoint.stem}-{sha256[:16]}.{runtime}.onnx",
+        checkpoint.with_name(f"{checkpoint.name}.{suffix}"),
+        fallback / f"{checkpoint.stem}-{sha256[:16]}.{suffix}",
     ]
+
+
+def write_first(candidates: list[Path], data: bytes) -> Path:
+    """Write `data` to the first of `candidates` that can be written, atomically (readers, another
+    replica among them, never see half a file); raises CheckpointError naming every failure."""
+    errors = []
+    for path in candidates:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            errors.append(f"{path}: {e.strerror}")
+            with contextlib.suppress(OSError):  # e.g. its folder is a file: nothing was written
+                tmp.unlink(missing_ok=True)
+            continue
+        return path
+    where = "; ".join(errors)
+    raise CheckpointError(f"cannot write {candidates[0].name} anywhere ({where}); set --export-cache-dir")
 
 
 def _matches(path: Path, key: str) -> bool:
@@ -63,7 +85,7 @@ def exported_onnx(
 ) -> Path:
     """The path of an ONNX file for `loaded`, exported now unless a matching cache entry exists."""
     key = cache_key(sha256, runtime, version, fold_bn)
-    candidates = cache_paths(loaded.path, sha256, runtime, cache_dir)
+    candidates = cache_paths(loaded.path, sha256, f"{runtime}.onnx", cache_dir)
     for path in candidates:
         if _matches(path, key):
             log.info("export cache hit: %s", path)
@@ -81,19 +103,7 @@ def exported_onnx(
         "convserve.probe": json.dumps(probe),
     }
     data = set_metadata(data, loaded.meta, extra)
-    errors = []
-    for path in candidates:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            os.replace(tmp, path)  # readers (another replica) never see half a file
-        except OSError as e:
-            errors.append(f"{path}: {e.strerror}")
-            tmp.unlink(missing_ok=True)
-            continue
-        took = time.perf_counter() - start
-        log.info("exported %s for %s in %.2fs -> %s", loaded.path.name, runtime, took, path)
-        return path
-    where = "; ".join(errors)
-    raise CheckpointError(f"cannot write the ONNX export anywhere ({where}); set --export-cache-dir")
+    path = write_first(candidates, data)
+    took = time.perf_counter() - start
+    log.info("exported %s for %s in %.2fs -> %s", loaded.path.name, runtime, took, path)
+    return path

@@ -45,7 +45,7 @@ def test_serving_start_up_does_not_import_dynamo(torchvision_checkpoint: Path) -
         "import service.app, service.__main__\n"
         "from service.settings import load_settings\n"
         "from service.state import build_predictor, warm_up\n"
-        "s = load_settings(checkpoint=sys.argv[1], torch_threads=1)\n"
+        "s = load_settings(checkpoint=sys.argv[1], torch_threads=1, runtime='torch')\n"
         "p = build_predictor(s, torch.device('cpu'), s.checkpoint)\n"
         "warm_up(p, s.warmup_sizes(), 1, None, True)\n"
         "print('torchvision' in sys.modules, 'torch._dynamo' in sys.modules, p.folded_bn)\n",

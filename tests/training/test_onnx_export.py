@@ -91,6 +91,6 @@ def test_torch_runtime_refuses_an_onnx_file_in_one_line(trained: Path, tmp_path:
 
     out = tmp_path / "m.onnx"
     assert run_cli("export", "--checkpoint", str(trained), "--out", str(out)).returncode == 0
-    r = subprocess.run([sys.executable, "-m", "service", "--checkpoint", str(out)], cwd=REPO,
-                       capture_output=True, text=True, timeout=60)
+    cmd = [sys.executable, "-m", "service", "--checkpoint", str(out), "--runtime", "torch"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--runtime onnxruntime/openvino" in r.stderr
