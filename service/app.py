@@ -181,10 +181,11 @@ async def _warm_up_then_ready(state: ServiceState, stop_server: Callable[[], Non
         return
     state.set_ready(True)
     log.info(
-        "ready: %s on %s (%s), max batch %d, queue limit %d, %d decode threads, %d torch threads "
+        "ready: %s on %s (%s, %s), max batch %d, queue limit %d, %d decode threads, %d torch threads "
         "(%d for a lone request), OMP_WAIT_POLICY=%s",
         predictor.name,
         state.device,
+        predictor.runtime.name,
         predictor.precision_choice.reason if settings.precision == "auto" else predictor.precision,
         settings.max_batch_size,
         settings.queue_limit,

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import torch
 
+import service.precision
+import service.predictor
 import service.threads
 from service import runtime_choice
 from service.cpu_flags import cpu_identity
@@ -26,7 +28,7 @@ from service.runtime_choice import Choice, Measured, candidate, decide, machine_
 from service.runtimes.base import FP32_TOLERANCE
 from service.state import warm_up
 from tests import images
-from tests.conftest import run_server
+from tests.conftest import make_checkpoint, run_server
 
 CPU = torch.device("cpu")
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
@@ -219,3 +221,53 @@ def test_service_reports_its_auto_choice(tiny_checkpoint: Path, tmp_path: Path) 
             assert g["predictions"][0]["index"] == w["predictions"][0]["index"]
             diff = max(abs(a - b) for a, b in zip(g["probabilities"], w["probabilities"], strict=True))
             assert diff <= FP32_TOLERANCE
+
+
+@needs_ort
+def test_a_reload_decides_for_the_new_checkpoint(tmp_path: Path) -> None:
+    """A reload under auto measures (or recalls) for the new file and serves its choice."""
+    v1 = make_checkpoint(tmp_path / "v1.safetensors", version="1")
+    v2 = make_checkpoint(tmp_path / "v2.safetensors", version="2", seed=5)
+    with run_server(v1, tmp_path, runtime="auto", admin_api_key="k", max_batch_size=4) as server:
+        r = server.client.post("/v1/model/reload", json={"checkpoint": str(v2)}, headers={"X-API-Key": "k"})
+        assert r.status_code == 200, r.text
+        info = server.client.get("/v1/model").json()
+        answer = server.client.post("/v1/predict", content=images.jpeg())
+    assert info["version"] == "2" and info["runtime_choice"]["setting"] == "auto"
+    assert info["runtime_choice"]["runtime"] == info["runtime"]["name"] in ("torch", "onnxruntime")
+    assert info["runtime_choice"]["measured"]["candidate"] == "onnxruntime"
+    assert (tmp_path / "v2.safetensors.runtime-choice.json").is_file()  # measured for v2, kept
+    assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
+
+
+@needs_ort
+@pytest.mark.parametrize("winner", ["onnxruntime", "torch"])
+def test_with_precision_auto_the_runtime_is_timed_against_the_precision_kept(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, winner: str
+) -> None:
+    """--precision auto settles first (bf16 forced as the candidate, and forced to win), then the
+    runtime is timed against torch bf16; an fp32 runtime that wins says so in precision_choice."""
+    ckpt = tmp_path / "m.safetensors"
+    shutil.copy(tiny_checkpoint, ckpt)
+    monkeypatch.setattr(service.predictor, "candidate", lambda device, runtime: ("bf16", "forced"))
+    monkeypatch.setattr(service.threads.precision, "AGREEMENT_BAR", 0.0)  # whatever the tiny model does
+    monkeypatch.setattr(service.threads.precision, "decide",
+                        lambda m: service.precision.Choice("auto", "bf16", "auto: bf16, forced", m))
+    seen: list[Measured] = []
+
+    def forced(m: Measured) -> Choice:
+        seen.append(m)
+        return Choice("auto", winner, f"auto: {winner}, forced", m)
+
+    monkeypatch.setattr(service.threads.runtime_choice, "decide", forced)
+    p = Predictor.load(ckpt, CPU, runtime="auto", precision="auto", max_batch_size=4)
+    assert set(p._runtimes) == {"fp32", "bf16", "onnxruntime"}
+    _warm(p)
+    assert seen[0].torch_precision == "bf16"  # timed against what torch would have served
+    info = p.describe()
+    assert info["runtime"]["name"] == winner and len(p._runtimes) == 1
+    if winner == "onnxruntime":
+        assert info["precision"] == "fp32" and info["precision_choice"]["precision"] == "fp32"
+        assert "onnxruntime runs fp32" in info["precision_choice"]["reason"]
+    else:
+        assert info["precision"] == "bf16" and info["precision_choice"]["reason"] == "auto: bf16, forced"
