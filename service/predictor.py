@@ -213,9 +213,12 @@ class Predictor:
                            cache_dir: Path | None) -> runtime_choice.Choice:
         """Build --runtime auto's candidate beside torch. One that fails to export or to match torch
         on the probe batch is not fatal: torch serves, and says why."""
+        torch_model = self.runtime.model
+        folded = torch_model if (isinstance(torch_model, torch.nn.Module) and self.runtime.folded_bn
+                                 and self.runtime.precision == "fp32") else None
         try:
             rt = build_runtime(name, loaded, self.device, sha256=self.sha256, fold_bn=fold_bn,
-                               cache_dir=cache_dir)
+                               cache_dir=cache_dir, folded=folded)
         except Exception as e:  # any export or session failure: an optional speed-up, not a reason to stop
             why = f"auto: torch, {name} could not run the model ({e})"
             choice = runtime_choice.Choice("auto", "torch", why)

@@ -77,6 +77,7 @@ def build_runtime(
     compile: str = "off",
     fold_bn: bool = True,
     cache_dir: Path | None = None,
+    folded: tt.nn.Module | None = None,
 ) -> Runtime:
     if runtime == "torch":
         if isinstance(source, OnnxArtifact):
@@ -106,7 +107,7 @@ def build_runtime(
         tolerance = INT8_TOLERANCE if precision == "int8" else FP32_TOLERANCE
     else:
         version = _version(runtime)
-        path = exported_onnx(source, sha256, runtime, version, fold_bn, cache_dir)
+        path = exported_onnx(source, sha256, runtime, version, fold_bn, cache_dir, folded)
         want, tolerance, probe = reference_probs(source.model, pre), FP32_TOLERANCE, probe_batch(pre)
     rt: Runtime
     if runtime == "onnxruntime":
