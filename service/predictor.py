@@ -100,6 +100,7 @@ class Predictor:
         max_batch_size: int = 1,
         fold_bn: bool = True,
         calibration: bool = True,
+        choice_context: dict[str, Any] | None = None,
     ) -> None:
         self.meta = loaded.meta
         self.preprocess = loaded.preprocess
@@ -125,8 +126,9 @@ class Predictor:
             onnx_file = isinstance(loaded, OnnxArtifact)
             cand, cand_why = runtime_choice.candidate(device, precision, compile, onnx_file)
             if cand is not None:
+                context = {"fold_bn": fold_bn, "channels_last": channels_last, **(choice_context or {})}
                 self._choice_key = runtime_choice.machine_key(self.sha256, cand, precision, max_batch_size,
-                                                              usable_cores())
+                                                              usable_cores(), context)
                 recalled = runtime_choice.recall(loaded.path, self.sha256, export_cache_dir, self._choice_key)
                 if recalled is not None and recalled[0].runtime == cand:
                     runtime = cand
@@ -145,10 +147,22 @@ class Predictor:
         self.input_shape = (c, h, w)
         # One factory call: torch (eager/trace/compile, as always), onnxruntime or openvino; the ONNX
         # backends export the checkpoint (or read an .onnx file) and pass a probe check first.
-        self.runtime = build_runtime(
-            runtime, loaded, device, sha256=self.sha256, precision=precision, channels_last=channels_last,
-            compile=compile, fold_bn=fold_bn, cache_dir=export_cache_dir,
-        )
+        def build(name: str) -> Runtime:
+            return build_runtime(name, loaded, device, sha256=self.sha256, precision=precision,
+                                 channels_last=channels_last, compile=compile, fold_bn=fold_bn,
+                                 cache_dir=export_cache_dir)
+
+        try:
+            self.runtime = build(runtime)
+        except Exception as e:
+            if recalled is None or runtime == "torch":
+                raise
+            # the kept decision's runtime no longer runs here (a damaged install, an unwritable cache
+            # folder, a probe mismatch): serve torch, and measure again at the next start
+            cand_why = f"{cand} was chosen before but cannot run now ({e})"
+            log.warning("runtime auto: %s; serving torch", cand_why)
+            recalled, runtime, self._choice_key, cand = None, "torch", None, None
+            self.runtime = build(runtime)
         self.precision = self.runtime.precision  # int8 for a quantized file
         # The runtimes built, by variant: a precision of the torch runtime ("fp32", "bf16"), or the
         # name of another runtime ("onnxruntime"); `variant` is the one in use.
@@ -245,9 +259,10 @@ class Predictor:
         self.candidate = None
         self.precision_choice = choice
 
-    def settle_runtime(self, choice: runtime_choice.Choice) -> None:
+    def settle_runtime(self, choice: runtime_choice.Choice, keep: bool = True) -> None:
         """Keep the chosen runtime only (--runtime auto's decision): the other one's memory (a
-        resnet18's weights, an ONNX Runtime session) is freed."""
+        resnet18's weights, an ONNX Runtime session) is freed. `keep`: write the decision down for
+        later starts on this kind of machine."""
         assert self.runtime_candidate is not None
         served = self.runtime_candidate if choice.runtime == self.runtime_candidate else next(
             v for v in self._runtimes if v != self.runtime_candidate)
@@ -257,7 +272,7 @@ class Predictor:
         self.runtime_choice = choice
         self.folded_bn = self.runtime.folded_bn
         self.channels_last = getattr(self.runtime, "channels_last", False)
-        if self._choice_key is not None and choice.measured is not None:  # the next start reads it
+        if keep and self._choice_key is not None and choice.measured is not None:  # the next start reads it
             runtime_choice.remember(self.path, self.sha256, self._cache_dir, self._choice_key, choice)
         if self.precision_choice.precision != self.precision:  # torch bf16 lost to an fp32 runtime
             self.precision_choice = Choice(self.precision_choice.setting, self.precision,

@@ -29,6 +29,7 @@ batch and at the same thread counts as the precision choice, alternating (servic
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -40,7 +41,6 @@ import torch
 
 from model.checkpoint import CheckpointError
 from service.cpu_flags import cpu_identity
-from service.runtimes import RuntimeUnavailable, check_installed
 from service.runtimes.export import cache_paths, write_first
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,18 @@ def candidate(device: torch.device, precision: str, compile: str, onnx_file: boo
         return None, f"--compile {compile} is a torch mode"
     if precision not in ("fp32", "auto"):
         return None, f"--precision {precision} runs on torch (the ONNX backends run fp32)"
-    try:
-        check_installed(CANDIDATE)
-    except RuntimeUnavailable:
+    # Looked up, not imported (19 MiB of RSS a start that recalls "torch" does not need); building
+    # the candidate imports it, and a broken install fails there, leaving torch serving.
+    if any(_missing(m) for m in (CANDIDATE, "onnx")):
         return None, f"{CANDIDATE} is not installed (pip install 'convserve[onnx]')"
     return CANDIDATE, "installed"
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a None in sys.modules (tests), or a broken package
+        return True
 
 
 def decide(m: Measured) -> Choice:
@@ -113,18 +120,25 @@ CHOICE_SUFFIX = "runtime-choice.json"
 CHOICE_FORMAT = 1
 
 
-def machine_key(sha256: str, cand: str, precision: str, max_batch_size: int, cores: int) -> str:
-    """Everything a measured choice depended on, as one string (the cache entry's key)."""
+def machine_key(sha256: str, cand: str, precision: str, max_batch_size: int, cores: int,
+                context: dict[str, Any] | None = None) -> str:
+    """Everything a measured choice depended on, as one string (the cache entry's key); `context`:
+    the other settings that change either side's time (batch-norm folding, channels_last, pinned
+    torch threads, the warm-up sizes that set the timed batch)."""
     import importlib.metadata as md
 
-    try:
-        cand_version = md.version(cand)
-    except md.PackageNotFoundError:
-        cand_version = "?"
+    version = "?"
+    for dist in (cand, f"{cand}-gpu", f"{cand}-openvino", f"{cand}-directml"):  # the wheels that provide it
+        try:
+            version = f"{dist} {md.version(dist)}"
+            break
+        except md.PackageNotFoundError:
+            continue
     return json.dumps({
         "format": CHOICE_FORMAT, "checkpoint_sha256": sha256, "candidate": cand,
-        "candidate_version": cand_version, "torch": torch.__version__, "cpu": cpu_identity(),
+        "candidate_version": version, "torch": torch.__version__, "cpu": cpu_identity(),
         "cores": cores, "precision": precision, "max_batch_size": max_batch_size,
+        "settings": {k: str(v) for k, v in sorted((context or {}).items())},
     }, sort_keys=True)
 
 

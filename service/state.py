@@ -42,11 +42,13 @@ def side_stream(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 
 def build_predictor(
-    settings: Settings, device: torch.device, path: Path, warm_threads: tuple[int, ...] = ()
+    settings: Settings, device: torch.device, path: Path, warm_threads: tuple[int, ...] = (),
+    tuner_threads: tuple[int, ...] = (),
 ) -> Predictor:
     """Load and validate a checkpoint, and warm it up at the given torch thread counts (a reload
-    passes the counts in use; start-up warms on the inference thread instead, see warm_up).
-    Runs off the event loop; a model being served is untouched."""
+    passes the counts in use, and the two the thread tuner alternates; start-up warms on the
+    inference thread instead, see warm_up). Runs off the event loop; a model being served is
+    untouched."""
     predictor = Predictor.load(
         path,
         device,
@@ -58,6 +60,8 @@ def build_predictor(
         max_batch_size=settings.max_batch_size,
         fold_bn=settings.fold_batchnorm,
         calibration=settings.calibration,
+        # what a --runtime auto decision depended on beyond the checkpoint and the machine
+        choice_context={"torch_threads": settings.torch_threads, "warmup": settings.warmup},
     )
     log.info(
         "loaded %s (%s, %d classes, sha256 %s) from %s on %s/%s",
@@ -73,7 +77,7 @@ def build_predictor(
         # A reload warms beside live traffic: on CUDA on its own stream, which Predictor.run_blank
         # synchronises (not the whole device), so live batches never wait for the warm-up.
         with side_stream(device):
-            took = warm_reloaded(predictor, settings.warmup_sizes(), warm_threads)
+            took = warm_reloaded(predictor, settings.warmup_sizes(), warm_threads, tuner_threads)
         log.info("warm-up at %s thread(s) took %.2fs", "/".join(map(str, warm_threads)), took)
     return predictor
 
@@ -93,15 +97,18 @@ def warm_at(
     return took
 
 
-def warm_reloaded(predictor: Predictor, sizes: list[int], threads_in_use: tuple[int, ...]) -> float:
-    """A reload's warm-up at the (batch, lone) counts in use; --precision auto decides first, timed
-    beside live traffic (so a busy service leans to whichever precision the noise favours)."""
+def warm_reloaded(predictor: Predictor, sizes: list[int], threads_in_use: tuple[int, ...],
+                  tuner_threads: tuple[int, ...] = ()) -> float:
+    """A reload's warm-up at the (batch, lone) counts in use; --precision auto and --runtime auto
+    decide first, timed beside live traffic (so a busy service leans to whichever the noise
+    favours: the runtime decision of a reload is therefore not kept for later starts)."""
     start = time.perf_counter()
     batch, lone = threads_in_use[0], threads_in_use[-1]
     if getattr(predictor, "candidate", None) is not None:
         threads.settle_precision(predictor, sizes, batch, lone)
     if getattr(predictor, "runtime_candidate", None) is not None:
-        threads.settle_runtime(predictor, sizes, batch, lone, every_count=threads_in_use)
+        threads.settle_runtime(predictor, sizes, batch, lone, every_count=(*threads_in_use, *tuner_threads),
+                               served_warm=False, keep=False)
     return warm_at(predictor, sizes, threads_in_use) + (time.perf_counter() - start)
 
 
@@ -251,15 +258,17 @@ class ServiceState:
             try:
                 # Warm at the thread counts the inference thread uses; no re-timing under live traffic.
                 threads = (self.batch_threads, self.lone_threads)
+                tuned = (self.tuner.few, self.tuner.all)  # ONNX Runtime: a session for each, made now
                 if self.settings.compile == "compile":
                     # torch.compile is not thread-safe: building graphs on a side thread while the
                     # inference thread runs compiled code can corrupt dynamo's state. Load aside, then
                     # compile on the inference thread itself, between batches (serving pauses meanwhile).
                     new = await asyncio.to_thread(build_predictor, self.settings, self.device, path)
                     sizes = self.settings.warmup_sizes()
-                    await self.batcher.call_in_worker(warm_reloaded, new, sizes, threads)
+                    await self.batcher.call_in_worker(warm_reloaded, new, sizes, threads, tuned)
                 else:  # eager and TorchScript run safely beside a warm-up: no pause in serving
-                    new = await asyncio.to_thread(build_predictor, self.settings, self.device, path, threads)
+                    new = await asyncio.to_thread(build_predictor, self.settings, self.device, path, threads,
+                                                  tuned)
             except (CheckpointError, PrecisionError):
                 raise
             except Exception as e:  # warm-up failed: the file loaded but the model cannot run

@@ -190,28 +190,32 @@ def settle_precision(
 
 def settle_runtime(
     predictor: Predictor, sizes: list[int], batch_threads: int, lone_threads: int,
-    stop: threading.Event | None = None, every_count: tuple[int, ...] = (),
+    stop: threading.Event | None = None, every_count: tuple[int, ...] = (), served_warm: bool = True,
+    keep: bool = True,
 ) -> runtime_choice.Choice:
     """--runtime auto (service/runtime_choice.py): what torch serves now (after --precision auto has
     settled) and the candidate timed alternately on a lone image at `lone_threads` and on one batch
     (the thread rule's) at `batch_threads`, as settle_precision does. Leaves only the winner in the
     predictor. The candidate is warmed at the sizes torch was warmed at, and at each of
     `every_count` on a lone image: ONNX Runtime makes a session per thread count, and the thread
-    tuner will try the other count on live batches."""
+    tuner will try the other count on live batches. `served_warm`: start-up's thread choice has
+    warmed torch at both counts (a reload's has not); `keep`: the decision is kept for later starts
+    (not a reload's, timed beside live traffic)."""
     cand = predictor.runtime_candidate
     assert cand is not None
     start = time.perf_counter()
     served = predictor.variant
     top = probe_size(sizes)
-    predictor.use(cand)
-    for n in dict.fromkeys((lone_threads, *every_count)):
-        at_threads(n, warm_sizes, predictor, [1], stop)
-    at_threads(batch_threads, warm_sizes, predictor, [top], stop)
+    for name in (cand,) if served_warm else (served, cand):  # both warm before either is timed
+        predictor.use(name)
+        for n in dict.fromkeys((lone_threads, *every_count)) if name == cand else (lone_threads,):
+            at_threads(n, warm_sizes, predictor, [1], stop)
+        at_threads(batch_threads, warm_sizes, predictor, [top], stop)
     torch_one, cand_one = at_threads(lone_threads, fastest_pair, predictor, 1, served, cand)
     torch_top, cand_top = at_threads(batch_threads, fastest_pair, predictor, top, served, cand)
     choice = runtime_choice.decide(runtime_choice.Measured(cand, predictor._runtimes[served].precision, top,
                                                            torch_top, cand_top, torch_one, cand_one))
-    predictor.settle_runtime(choice)
+    predictor.settle_runtime(choice, keep=keep)
     if choice.runtime == cand:
         at_threads(batch_threads, warm_sizes, predictor, [n for n in sizes if n not in (1, top)], stop)
     log.info("runtime %s (%.2fs to decide)", choice.reason, time.perf_counter() - start)

@@ -214,3 +214,11 @@ def trained_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = train(cfg)
     assert result.best_accuracy > 0.9, f"the fixture model reached only {result.best_accuracy:.3f}"
     return out / "model.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def _torch_runtime_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process settings (create_app(load_settings(...))) serve torch unless a test says otherwise,
+    as run_server's subprocesses do: the default, auto, would serve whichever runtime this CPU ran
+    faster and write its export and decision beside the shared test checkpoints."""
+    monkeypatch.setenv("CONVSERVE_RUNTIME", "torch")

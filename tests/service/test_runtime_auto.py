@@ -26,6 +26,7 @@ from service.cpu_flags import cpu_identity
 from service.predictor import Predictor
 from service.runtime_choice import Choice, Measured, candidate, decide, machine_key, recall, remember
 from service.runtimes.base import FP32_TOLERANCE
+from service.settings import usable_cores
 from service.state import warm_up
 from tests import images
 from tests.conftest import make_checkpoint, run_server
@@ -104,7 +105,9 @@ def test_the_choice_is_kept_per_key(tmp_path: Path) -> None:
     for other in (machine_key("b" * 64, "onnxruntime", "fp32", 16, 2),
                   machine_key("a" * 64, "onnxruntime", "fp32", 16, 4),
                   machine_key("a" * 64, "onnxruntime", "auto", 16, 2),
-                  machine_key("a" * 64, "onnxruntime", "fp32", 32, 2)):
+                  machine_key("a" * 64, "onnxruntime", "fp32", 32, 2),
+                  machine_key("a" * 64, "onnxruntime", "fp32", 16, 2, {"fold_bn": False}),
+                  machine_key("a" * 64, "onnxruntime", "fp32", 16, 2, {"torch_threads": 1})):
         assert recall(ckpt, "a" * 64, None, other) is None
     # a second key is added beside the first
     other = machine_key("a" * 64, "onnxruntime", "fp32", 16, 4)
@@ -236,7 +239,9 @@ def test_a_reload_decides_for_the_new_checkpoint(tmp_path: Path) -> None:
     assert info["version"] == "2" and info["runtime_choice"]["setting"] == "auto"
     assert info["runtime_choice"]["runtime"] == info["runtime"]["name"] in ("torch", "onnxruntime")
     assert info["runtime_choice"]["measured"]["candidate"] == "onnxruntime"
-    assert (tmp_path / "v2.safetensors.runtime-choice.json").is_file()  # measured for v2, kept
+    # timed beside live traffic: not kept for later starts (the first start's own decision is)
+    assert not (tmp_path / "v2.safetensors.runtime-choice.json").exists()
+    assert (tmp_path / "v1.safetensors.runtime-choice.json").is_file()
     assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
 
 
@@ -271,3 +276,25 @@ def test_with_precision_auto_the_runtime_is_timed_against_the_precision_kept(
         assert "onnxruntime runs fp32" in info["precision_choice"]["reason"]
     else:
         assert info["precision"] == "bf16" and info["precision_choice"]["reason"] == "auto: bf16, forced"
+
+
+@needs_ort
+def test_a_kept_choice_that_no_longer_runs_falls_back_to_torch(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime was chosen and kept; its export is gone and cannot be made again: torch serves
+    (never a failed start), says why, and the next start measures again."""
+    ckpt = tmp_path / "m.safetensors"
+    shutil.copy(tiny_checkpoint, ckpt)
+    key = machine_key(Predictor.load(ckpt, CPU).sha256, "onnxruntime", "fp32", 4, usable_cores(),
+                      {"fold_bn": True, "channels_last": "auto"})
+    remember(ckpt, Predictor.load(ckpt, CPU).sha256, None, key, decide(measured(0.5, 0.5)))
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("exporter blew up")
+
+    monkeypatch.setattr("service.runtimes.export.export_onnx", broken)
+    p = Predictor.load(ckpt, CPU, runtime="auto", max_batch_size=4)
+    assert p.runtime.name == "torch" and p.runtime_candidate is None
+    assert p.describe()["runtime_choice"]["reason"] == (
+        "auto: torch, onnxruntime was chosen before but cannot run now (exporter blew up)")
