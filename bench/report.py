@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
@@ -242,18 +241,9 @@ def scenario_table(sc: dict[str, Any]) -> list[str]:
            if "closed_loop_per_s" in b else "")
     )
     lines.append("\n" + limit_line(sc))
-    choice = service_runtime_choice(sc)
-    if choice:
-        lines.append(f"\nThe service's runtime: {choice}.")
+    if sc.get("service_runtime_choice"):  # /v1/model runtime_choice.reason (bench/run.py)
+        lines.append(f"\nThe service's runtime: {sc['service_runtime_choice']}.")
     return lines
-
-
-def service_runtime_choice(sc: dict[str, Any]) -> str:
-    """What the service said about its runtime in /v1/model (`runtime_choice.reason`), or ''."""
-    try:
-        return str(json.loads(sc.get("service_model", ""))["runtime_choice"]["reason"])
-    except (ValueError, KeyError, TypeError):
-        return ""
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:

@@ -208,6 +208,7 @@ def run_scenario(sc: Scenario, sets: dict[str, ImageSet], ckpt: Path, bs: BenchS
         "bound_pairs": {"clients": clients, "pairs": pairs},
         "peak": peak,
         "service_precision": service_precision(model_info),
+        "service_runtime_choice": model_field(model_info, "runtime_choice", "reason") or "",
         "servers": {s.name: _server_info(s) for s in servers},
         "service_model": model_info,
         "summaries": [dataclasses.asdict(summarise(name, c, rs))
@@ -242,30 +243,39 @@ def bound_pairs(service: Server, bodies: list[bytes], clients: int, total: int, 
     return pairs
 
 
+def model_field(model_info: str, *keys: str) -> Any:
+    """One field of a service's /v1/model answer (`keys`: the path into it), None where it is missing
+    or the answer is not JSON."""
+    try:
+        value: Any = json.loads(model_info)
+        for key in keys:
+            value = value[key]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return value
+
+
 def service_threads(model_info: str, fallback: int) -> int:
     """The batch thread count a running service reports in /v1/model (fallback: its auto rule)."""
     try:
-        return int(json.loads(model_info)["serving"]["torch_threads"]["batch"])
-    except (ValueError, KeyError, TypeError):
+        return int(model_field(model_info, "serving", "torch_threads", "batch"))
+    except (ValueError, TypeError):
         log.warning("/v1/model has no serving.torch_threads; the bound uses %d thread(s)", fallback)
         return fallback
 
 
 def service_onnx_file(model_info: str) -> str | None:
     """The exported file a running service serves with ONNX Runtime, or None (it serves torch)."""
-    try:
-        runtime = json.loads(model_info)["runtime"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return str(runtime["onnx_file"]) if runtime.get("name") == "onnxruntime" else None
+    runtime = model_field(model_info, "runtime")
+    if isinstance(runtime, dict) and runtime.get("name") == "onnxruntime":
+        return str(runtime["onnx_file"])
+    return None
 
 
 def service_precision(model_info: str) -> str:
     """The precision the running service serves (--precision auto: what it chose), fp32 if unknown."""
-    try:
-        return str(json.loads(model_info)["precision"])
-    except (ValueError, KeyError, TypeError):
-        return "fp32"
+    precision = model_field(model_info, "precision")
+    return "fp32" if precision is None else str(precision)
 
 
 def runnable_modes(

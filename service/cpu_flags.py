@@ -9,17 +9,29 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 (AMX, AVX-512) and aarch
 NO_BF16 = "no bf16 hardware (no avx512_bf16, amx_bf16 or bf16 in /proc/cpuinfo)"  # why bf16 is not used
 
 
-def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
-    """The bf16 flags of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on aarch64)."""
+def first_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The fields of the first CPU in /proc/cpuinfo (its first block), name -> value; empty where
+    there is none."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            have = set(line.split(":", 1)[1].split())
-            return [f for f in BF16_FLAGS if f in have]
-    return []
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _flags(cpu: dict[str, str]) -> list[str]:
+    """Its flag list ("flags" on x86, "Features" on aarch64)."""
+    return (cpu.get("flags") or cpu.get("Features") or "").split()
+
+
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The bf16 flags of the first CPU in /proc/cpuinfo."""
+    have = set(_flags(first_cpu(cpuinfo)))
+    return [f for f in BF16_FLAGS if f in have]
 
 
 def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
@@ -28,18 +40,11 @@ def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     other flags), from the first CPU in /proc/cpuinfo; empty where there is none."""
     import hashlib
 
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
+    cpu = first_cpu(cpuinfo)
+    if not cpu:
         return {}
-    out: dict[str, str] = {}
-    wanted = {"vendor_id": "vendor", "model name": "model_name", "cpu family": "family", "model": "model",
-              "stepping": "stepping", "CPU implementer": "vendor", "CPU part": "model"}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if key in wanted:
-            out[wanted[key]] = value
-        elif key in ("flags", "Features"):
-            out["flags_sha256"] = hashlib.sha256(" ".join(sorted(value.split())).encode()).hexdigest()[:16]
+    names = {"vendor_id": "vendor", "model name": "model_name", "cpu family": "family", "model": "model",
+             "stepping": "stepping", "CPU implementer": "vendor", "CPU part": "model"}
+    out = {names[k]: v for k, v in cpu.items() if k in names}
+    out["flags_sha256"] = hashlib.sha256(" ".join(sorted(_flags(cpu))).encode()).hexdigest()[:16]
     return out

@@ -122,8 +122,8 @@ class Predictor:
         self._choice_key: str | None = None
         recalled: tuple[runtime_choice.Choice, Path] | None = None
         if runtime == "auto":
-            runtime = "onnxruntime" if isinstance(loaded, OnnxArtifact) else "torch"
             onnx_file = isinstance(loaded, OnnxArtifact)
+            runtime = "onnxruntime" if onnx_file else "torch"
             cand, cand_why = runtime_choice.candidate(device, precision, compile, onnx_file)
             if cand is not None:
                 context = {"fold_bn": fold_bn, "channels_last": channels_last, **(choice_context or {})}

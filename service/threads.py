@@ -204,7 +204,7 @@ def settle_runtime(
     cand = predictor.runtime_candidate
     assert cand is not None
     start = time.perf_counter()
-    served = predictor.variant
+    served, served_precision = predictor.variant, predictor.precision
     top = probe_size(sizes)
     for name in (cand,) if served_warm else (served, cand):  # both warm before either is timed
         predictor.use(name)
@@ -213,8 +213,8 @@ def settle_runtime(
         at_threads(batch_threads, warm_sizes, predictor, [top], stop)
     torch_one, cand_one = at_threads(lone_threads, fastest_pair, predictor, 1, served, cand)
     torch_top, cand_top = at_threads(batch_threads, fastest_pair, predictor, top, served, cand)
-    choice = runtime_choice.decide(runtime_choice.Measured(cand, predictor._runtimes[served].precision, top,
-                                                           torch_top, cand_top, torch_one, cand_one))
+    choice = runtime_choice.decide(runtime_choice.Measured(cand, served_precision, top, torch_top, cand_top,
+                                                           torch_one, cand_one))
     predictor.settle_runtime(choice, keep=keep)
     if choice.runtime == cand:
         at_threads(batch_threads, warm_sizes, predictor, [n for n in sizes if n not in (1, top)], stop)
