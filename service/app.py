@@ -31,7 +31,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from model.checkpoint import CheckpointError
 from model.device import resolve_device, set_tf32
-from service import OMP_POLICY_APPLIED, routes
+from service import OMP_POLICY_APPLIED, routes, runtime_trial
 from service.batching import BatcherClosed
 from service.decode import decode_to_tensor
 from service.errors import ERROR_CODES
@@ -46,7 +46,7 @@ from service.predictor import WarmupStopped
 from service.protocols import PROTOCOLS
 from service.routes.predict import FastPredict
 from service.settings import Settings, load_settings
-from service.state import ServiceState, build_predictor, warm_up
+from service.state import ServiceState, build_predictor, warm_up, warmed_sizes
 from service.watch import start_watching, stop_watching
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                     "effect; set it in the environment to avoid OpenMP spin-waiting")
     try:
         device = resolve_device(settings.device)
-        predictor = await asyncio.to_thread(build_predictor, settings, device, settings.checkpoint)
+        predictor = await asyncio.to_thread(build_predictor, settings, device, settings.checkpoint,
+                                            first_start=True)
     except (CheckpointError, ValueError) as e:
         log.error("cannot start: %s", e)
         raise
@@ -142,6 +143,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.start_draining()  # also tells a running warm-up to stop at its next batch size
+        if state.ready:  # what is left of that task is a first start's runtime trial: not needed now
+            warming.cancel()
         await stop_watching(watcher)
         await asyncio.wait([warming])
         await state.close()
@@ -194,6 +197,13 @@ async def _warm_up_then_ready(state: ServiceState, stop_server: Callable[[], Non
         state.lone_threads,
         os.environ.get("OMP_WAIT_POLICY", "unset"),
     )
+    if predictor.runtime_pending:  # --runtime auto on a first start (service/runtime_trial.py)
+        log.info("runtime %s; building it now, timing it between requests", predictor.runtime_choice.reason)
+        try:
+            await runtime_trial.run(state, warmed_sizes(predictor, settings.warmup_sizes(),
+                                                        settings.warmup == "auto"))
+        except Exception:  # an optional speed-up: torch goes on serving
+            log.warning("runtime auto: the trial failed; torch serves", exc_info=True)
 
 
 async def _warm_decode(state: ServiceState) -> None:

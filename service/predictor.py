@@ -86,6 +86,10 @@ class JobResult:
     model: dict[str, str]  # the model that answered (a reload may land between decode and inference)
 
 
+# A candidate to build later: (source, runtime, fold_bn, export cache dir, folded fp32 torch model)
+_Deferred = tuple[Loaded | OnnxArtifact, str, bool, Path | None, torch.nn.Module | None]
+
+
 class Predictor:
     def __init__(
         self,
@@ -101,7 +105,11 @@ class Predictor:
         fold_bn: bool = True,
         calibration: bool = True,
         choice_context: dict[str, Any] | None = None,
+        defer_candidate: bool = False,
     ) -> None:
+        """`defer_candidate` (a first start under --runtime auto): the candidate is neither exported
+        nor built here but by `build_deferred_candidate`, after the service is ready on torch
+        (service/runtime_trial.py)."""
         self.meta = loaded.meta
         self.preprocess = loaded.preprocess
         self.path = loaded.path
@@ -119,6 +127,7 @@ class Predictor:
         # --runtime auto (service/runtime_choice.py): torch until warm-up has timed the candidate
         # beside it, or straight away what an earlier start on this kind of machine measured.
         self.runtime_candidate: str | None = None
+        self._deferred: _Deferred | None = None
         self._choice_key: str | None = None
         recalled: tuple[runtime_choice.Choice, Path] | None = None
         if runtime == "auto":
@@ -188,9 +197,16 @@ class Predictor:
         elif runtime_setting == "auto" and cand is None:
             self.runtime_choice = runtime_choice.Choice("auto", runtime, f"auto: {runtime}, {cand_why}")
             log.info("runtime %s", self.runtime_choice.reason)
-        elif runtime_setting == "auto":  # built now, timed at warm-up
+        elif runtime_setting == "auto":
             assert cand is not None
-            self.runtime_choice = self._runtime_candidate(loaded, cand, fold_bn, export_cache_dir)
+            folded = self._folded_fp32()
+            if isinstance(loaded, Loaded) and folded is not None:  # the unfolded weights are not kept
+                loaded = dataclasses.replace(loaded, model=folded)
+            self._deferred = (loaded, cand, fold_bn, export_cache_dir, folded)
+            self.runtime_choice = runtime_choice.Choice(
+                "auto", "torch", f"auto: torch until {cand} has been timed beside it", pending=True)
+            if not defer_candidate:  # built now, timed at warm-up (a reload; tests)
+                self.build_deferred_candidate()
         self.model = self.runtime.model  # the torch callable; None for the ONNX backends
         self.folded_bn = self.runtime.folded_bn
         self.channels_last = getattr(self.runtime, "channels_last", False)
@@ -223,13 +239,33 @@ class Predictor:
         rt.folded_bn = fp32.folded_bn
         return rt
 
+    def _folded_fp32(self) -> torch.nn.Module | None:
+        """The torch runtime's model where it is the fp32 one with batch-norm folded: the export
+        starts from it instead of folding the checkpoint a second time."""
+        model = self.runtime.model
+        fp32 = self.runtime.precision == "fp32"
+        return model if isinstance(model, torch.nn.Module) and self.runtime.folded_bn and fp32 else None
+
+    def build_deferred_candidate(self) -> bool:
+        """Export and build --runtime auto's candidate; True when there is one to time. A first start
+        calls it after ready, on a thread beside serving: the export traces the served torch model,
+        which is safe beside its eager forward passes (the tracer's state is per thread)."""
+        if self._deferred is None:
+            return False
+        loaded, name, fold_bn, cache_dir, folded = self._deferred
+        self._deferred = None  # the folded fp32 model (held for the export) is freed with it
+        self.runtime_choice = self._runtime_candidate(loaded, name, fold_bn, cache_dir, folded)
+        return self.runtime_candidate is not None
+
+    @property
+    def runtime_pending(self) -> bool:
+        """A --runtime auto candidate still to build or to time: torch serves meanwhile."""
+        return self._deferred is not None or self.runtime_candidate is not None
+
     def _runtime_candidate(self, loaded: Loaded | OnnxArtifact, name: str, fold_bn: bool,
-                           cache_dir: Path | None) -> runtime_choice.Choice:
+                           cache_dir: Path | None, folded: torch.nn.Module | None) -> runtime_choice.Choice:
         """Build --runtime auto's candidate beside torch. One that fails to export or to match torch
         on the probe batch is not fatal: torch serves, and says why."""
-        torch_model = self.runtime.model
-        folded = torch_model if (isinstance(torch_model, torch.nn.Module) and self.runtime.folded_bn
-                                 and self.runtime.precision == "fp32") else None
         try:
             rt = build_runtime(name, loaded, self.device, sha256=self.sha256, fold_bn=fold_bn,
                                cache_dir=cache_dir, folded=folded)
@@ -240,7 +276,8 @@ class Predictor:
             return choice
         self._runtimes[name] = rt
         self.runtime_candidate = name
-        return runtime_choice.Choice("auto", "torch", f"auto: torch until warm-up has timed {name}")
+        return runtime_choice.Choice("auto", "torch", f"auto: torch until {name} has been timed beside it",
+                                     pending=True)
 
     def use(self, variant: str) -> None:
         """Run with one of the runtimes built (auto: fp32 and the candidates) from now on."""

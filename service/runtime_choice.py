@@ -71,10 +71,11 @@ class Choice:
     runtime: str
     reason: str
     measured: Measured | None = None
+    pending: bool = False  # torch serves while a candidate waits to be timed
 
     def describe(self) -> dict[str, Any]:
         return {"setting": self.setting, "runtime": self.runtime, "reason": self.reason,
-                "measured": asdict(self.measured) if self.measured else None}
+                "measured": asdict(self.measured) if self.measured else None, "pending": self.pending}
 
 
 def candidate(device: torch.device, precision: str, compile: str, onnx_file: bool) -> tuple[str | None, str]:

@@ -43,12 +43,13 @@ def side_stream(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 def build_predictor(
     settings: Settings, device: torch.device, path: Path, warm_threads: tuple[int, ...] = (),
-    tuner_threads: tuple[int, ...] = (),
+    tuner_threads: tuple[int, ...] = (), first_start: bool = False,
 ) -> Predictor:
     """Load and validate a checkpoint, and warm it up at the given torch thread counts (a reload
     passes the counts in use, and the two the thread tuner alternates; start-up warms on the
     inference thread instead, see warm_up). Runs off the event loop; a model being served is
-    untouched."""
+    untouched. `first_start`: a --runtime auto candidate is built and timed after ready
+    (service/runtime_trial.py); a reload builds and times it before it swaps."""
     predictor = Predictor.load(
         path,
         device,
@@ -62,6 +63,7 @@ def build_predictor(
         calibration=settings.calibration,
         # what a --runtime auto decision depended on beyond the checkpoint and the machine
         choice_context={"torch_threads": settings.torch_threads, "warmup": settings.warmup},
+        defer_candidate=first_start,
     )
     log.info(
         "loaded %s (%s, %d classes, sha256 %s) from %s on %s/%s",
@@ -112,6 +114,12 @@ def warm_reloaded(predictor: Predictor, sizes: list[int], threads_in_use: tuple[
     return warm_at(predictor, sizes, threads_in_use) + (time.perf_counter() - start)
 
 
+def warmed_sizes(predictor: Predictor, sizes: list[int], auto: bool) -> list[int]:
+    """The batch sizes start-up's warm-up runs: all of them, or (`auto`, --warmup auto) on the eager
+    CPU only those the thread timing runs, a lone image and the probe batch."""
+    return sorted({1, threads.probe_size(sizes)}) if auto and predictor.eager_cpu else sizes
+
+
 def warm_up(
     predictor: Predictor, sizes: list[int], all_threads: int, stop: threading.Event | None = None,
     auto: bool = False,
@@ -132,7 +140,7 @@ def warm_up(
     timed_only = auto and predictor.eager_cpu
     chosen = threads.choose(predictor, sizes, all_threads, stop, timed_only)
     took = chosen.took_s
-    warmed = sorted({1, chosen.top}) if timed_only else sizes
+    warmed = warmed_sizes(predictor, sizes, auto)
     start = time.perf_counter()
     if getattr(predictor, "candidate", None) is not None:  # --precision auto with a candidate
         threads.settle_precision(predictor, warmed, chosen.batch, chosen.lone, stop, fp32_warm=True)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,23 +62,43 @@ class Runnable(Protocol):
     def warmup(self, sizes: list[int], stop: threading.Event | None = None) -> float: ...
 
 
+class Alternation:
+    """The plan of an alternating comparison: a, b, a, b, ... at least `min_pairs` pairs and up to
+    `repeats` within `budget_s` of time spent; `best` is each side's fastest run. A plan apart from
+    who runs it: warm-up times on the inference thread in one go (fastest_alternating), a first
+    start's runtime trial one run at a time, in the gaps between requests (service/runtime_trial.py)."""
+
+    def __init__(self, repeats: int = 3, budget_s: float = 2 * TIMING_BUDGET_S,
+                 min_pairs: int = MIN_PAIRS) -> None:
+        self.repeats, self.budget_s, self.min_pairs = repeats, budget_s, min_pairs
+        self.best = [float("inf"), float("inf")]
+        self.spent = 0.0
+
+    def sides(self) -> Iterator[int]:
+        """0 (a) or 1 (b), the next side to run; record() each run's time before asking again."""
+        for i in range(max(self.repeats, self.min_pairs)):
+            yield 0
+            yield 1
+            if i + 1 >= self.min_pairs and self.spent >= self.budget_s:
+                return
+
+    def record(self, side: int, took: float) -> None:
+        self.best[side] = min(self.best[side], took)
+        self.spent += took
+
+
 def fastest_alternating(
     run_a: Callable[[], object], run_b: Callable[[], object], repeats: int = 3,
     budget_s: float = 2 * TIMING_BUDGET_S, min_pairs: int = MIN_PAIRS,
 ) -> tuple[float, float]:
     """Fastest run of a and of b, the two alternating run by run (drift or a burst of interference
     lands on both), at least `min_pairs` pairs and up to `repeats` within `budget_s`."""
-    best = [float("inf"), float("inf")]
-    spent = 0.0
-    for i in range(max(repeats, min_pairs)):
-        for side, run in enumerate((run_a, run_b)):
-            start = time.perf_counter()
-            run()
-            took = time.perf_counter() - start
-            best[side], spent = min(best[side], took), spent + took
-        if i + 1 >= min_pairs and spent >= budget_s:
-            break
-    return best[0], best[1]
+    plan = Alternation(repeats, budget_s, min_pairs)
+    for side in plan.sides():
+        start = time.perf_counter()
+        (run_a, run_b)[side]()
+        plan.record(side, time.perf_counter() - start)
+    return plan.best[0], plan.best[1]
 
 
 def at_threads(threads: int, fn, *args):  # type: ignore[no-untyped-def]

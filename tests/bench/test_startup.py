@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(rnd: int, server: str, cold: float, rss: float) -> dict[str, float | int | str]:
-    return {"round": rnd, "server": server, "cold_start_s": cold, "idle_rss_mb": rss}
+    return {"round": rnd, "server": server, "cold_start_s": cold, "idle_rss_mb": rss, "settled_s": cold + 1}
 
 
 def test_ratios_are_per_round_medians() -> None:
@@ -32,7 +32,10 @@ def test_ratios_are_per_round_medians() -> None:
     assert s["service"]["cold_start_s"] == 12
     assert s["service"]["idle_rss_x"] == 1.1
     rows = startup.table({"convnet": {"runs": runs, "summary": s}})
-    assert rows[-1].startswith("| convnet | service | 3 | 12.0 | 1.20 | 110 | 1.10 | yes |")
+    assert rows[-2].startswith("| convnet | service | 3 | 12.0 | 1.20 | 13.0 | 110 | 1.10 | yes |")
+    # round 0 alone: a first start, which exports and times the runtime candidate
+    first = "| convnet | service, first start (round 0) | 1 | 10.0 | 2.00 | 11.0 | 110 | 1.10 | NO |"
+    assert rows[-1] == first
 
 
 def test_scenario_section_flags_a_missed_target() -> None:
@@ -55,4 +58,4 @@ def test_startup_command_runs_end_to_end(tmp_path: Path) -> None:
     data = json.loads(out.with_suffix(".json").read_text())["startup"]["convnet"]
     assert {r["server"] for r in data["runs"]} == {"service", "baseline"}
     for r in data["runs"]:
-        assert r["cold_start_s"] > 0 and r["idle_rss_mb"] > 0
+        assert r["cold_start_s"] > 0 and r["idle_rss_mb"] > 0 and r["settled_s"] >= r["cold_start_s"]
