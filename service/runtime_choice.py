@@ -17,10 +17,11 @@ batch and at the same thread counts as the precision choice, alternating (servic
   agrees to ~1e-7), so onnxruntime wins when it is faster on average over the lone image and the
   batch (mean time ratio below MEAN_GAIN) and neither side loses by more than the timing noise
   (each ratio at most WORST_LOSS).
-- Cost at start-up: the export, once per checkpoint (cached beside it: 0.1-1.1 s), a session (0.2 s
-  for resnet18) and the timing (a few runs of the lone image and the batch each: 1.3-2.2 s for
-  resnet18 on the Zen 3, where its whole start took 6.6 s). So the decision is kept, like the
-  export, beside the checkpoint (`model.safetensors.runtime-choice.json`), keyed by everything it
+- Cost: the export, once per checkpoint (cached beside it: 0.1-1.1 s), a session (0.2 s for
+  resnet18) and the timing (a few runs of the lone image and the batch each: 1.3-2.2 s for resnet18
+  on the Zen 3, where its whole start took 6.6 s). A first start pays it after ready, beside
+  serving torch (service/runtime_trial.py); a reload before its swap. The decision is kept, like
+  the export, beside the checkpoint (`model.safetensors.runtime-choice.json`), keyed by everything it
   depended on: the checkpoint, both runtimes' versions, the kind of CPU (model, stepping, flags),
   the usable cores, the precision and batch settings (`machine_key`). A start that finds its
   key serves the runtime chosen then and builds only that one; any other start measures again and

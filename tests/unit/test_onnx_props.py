@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,34 @@ def test_a_damaged_file_is_a_clear_error(tmp_path: Path, damage: str) -> None:
         path.write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError, match="is not a readable ONNX file"):
         read_props(path)
+
+
+def test_set_metadata_writes_what_onnx_reads(tmp_path: Path) -> None:
+    """The wire-format writer: convserve's keys set (an old entry of the same key replaced, others
+    kept), producer_name set, the graph byte for byte what it was."""
+    from model.checkpoint import CheckpointMeta
+    from model.onnx_file import set_metadata
+
+    meta = CheckpointMeta(arch="convnet", labels=["cat", "猫"], preprocess={"size": 32}, name="m")
+    before = _model({"labels": "old", "kept": "yes"})
+    after = set_metadata(before, meta, {"convserve.precision": "fp32"})
+    path = tmp_path / "m.onnx"
+    path.write_bytes(after)
+    loaded = onnx.load(str(path))
+    onnx.checker.check_model(loaded)
+    props = {p.key: p.value for p in loaded.metadata_props}
+    assert props == read_props(path)
+    assert props["kept"] == "yes" and props["labels"] == '["cat", "\\u732b"]'
+    assert props["convserve.precision"] == "fp32" and json.loads(props["convserve"])["arch"] == "convnet"
+    assert [p.key for p in loaded.metadata_props].count("labels") == 1
+    assert loaded.producer_name == "convserve"
+    assert loaded.graph.SerializeToString() == onnx.load_from_string(before).graph.SerializeToString()
+    again = set_metadata(after, meta, {"convserve.precision": "int8"})
+    assert read_props_of(again, tmp_path)["convserve.precision"] == "int8"
+    assert len(onnx.load_from_string(again).metadata_props) == len(loaded.metadata_props)
+
+
+def read_props_of(data: bytes, tmp_path: Path) -> dict[str, str]:
+    path = tmp_path / "again.onnx"
+    path.write_bytes(data)
+    return read_props(path)
