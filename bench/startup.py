@@ -29,8 +29,6 @@ def measure(ckpts: dict[str, Path], env: dict[str, str], logs: Path, rounds: int
     trees = {"service": REPO, **(services or {})}
     out: dict[str, Any] = {}
     for model, ckpt in ckpts.items():
-        for derived in ckpt.parent.glob(f"{ckpt.name}.*"):  # the export, the kept runtime choice
-            derived.unlink()  # so that round 0 is each service's first start on this checkpoint
         runs: list[dict[str, Any]] = []
         for rnd in range(rounds):
             names = ["baseline", *trees]
@@ -38,6 +36,9 @@ def measure(ckpts: dict[str, Path], env: dict[str, str], logs: Path, rounds: int
                 if name == "baseline":
                     server = baseline_server(ckpt, torch_threads, logs, device)
                 else:
+                    if rnd == 0:  # round 0 is each service's first start on this checkpoint
+                        for derived in ckpt.parent.glob(f"{ckpt.name}.*"):  # export, kept runtime choice
+                            derived.unlink()
                     server = service_server(ckpt, env, logs, name=name)
                     server.cwd = trees[name]
                 runs.append({"round": rnd, "server": name, **_once(server)})

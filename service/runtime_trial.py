@@ -17,7 +17,8 @@ read-only or new, that is every start. Now the service is ready once torch is wa
 3. the loser is freed between two batches, and the decision is kept for later starts.
 
 A pass during which a request arrived was timed beside traffic, like a reload's: its decision is
-served but not kept. Under traffic that leaves no gap for PATIENCE_S, passes run beside it.
+served but not kept. Under traffic that leaves no gap, passes run beside it PATIENCE_S after the
+trial's first wait began.
 GET /v1/model says `runtime_choice.pending: true` until the trial is over.
 """
 
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, TypeVar
 from service import runtime_choice
 from service.memory import release_free_memory
 from service.predictor import Predictor
-from service.threads import LONE_PAIRS, Alternation, at_threads, probe_size, warm_sizes
+from service.threads import LONE_PAIRS, Alternation, at_threads, probe_size
 
 if TYPE_CHECKING:
     from service.state import ServiceState
@@ -95,16 +96,18 @@ class Trial:
         self.served = predictor.variant
         self.passes = 0
         self.beside_traffic = 0  # passes during which a request arrived
+        self.patience_until: float | None = None
 
     async def _gap(self) -> None:
-        waited = 0.0
+        loop = asyncio.get_running_loop()
+        if self.patience_until is None:  # one deadline for the whole trial, not one per pass
+            self.patience_until = loop.time() + PATIENCE_S
         while True:
             if self.state.draining or self.state.predictor is not self.p:
                 raise _Gone
-            if not self.state.predicting() or waited >= PATIENCE_S:
+            if not self.state.predicting() or loop.time() >= self.patience_until:
                 return
             await asyncio.sleep(POLL_S)
-            waited += POLL_S
 
     async def one_pass(self, variant: str, n: int, threads: int) -> float:
         await self._gap()
@@ -148,6 +151,7 @@ async def run(state: ServiceState, sizes: list[int]) -> runtime_choice.Choice | 
     try:
         choice = runtime_choice.decide(await trial.measure(cand))
     except _Gone:
+        log.info("runtime auto: trial ended (the service is stopping, or another model is served)")
         return None
     except Exception as e:  # the candidate failed on a blank batch: torch goes on serving
         log.warning("runtime auto: %s failed while being timed", cand, exc_info=True)
@@ -159,8 +163,15 @@ async def run(state: ServiceState, sizes: list[int]) -> runtime_choice.Choice | 
                "requests, so it is not kept for later starts")
         choice = dataclasses.replace(choice, reason=why)
     if state.draining or state.predictor is not p:
+        log.info("runtime auto: trial ended (the service is stopping, or another model is served)")
         return None
-    await state.batcher.call_in_worker(_settle, p, choice, keep, trial.sizes, state.tuner.batch)
+    try:
+        await state.batcher.call_in_worker(_settle, p, choice, keep, trial.sizes, state.tuner.batch)
+    except Exception as e:  # the winner failed at a size the trial had not run: torch stays
+        log.warning("runtime auto: %s failed while being warmed", choice.runtime, exc_info=True)
+        choice = runtime_choice.Choice("auto", "torch", f"auto: torch, {choice.runtime} failed while being "
+                                       f"warmed ({e})")
+        await state.batcher.call_in_worker(p.settle_runtime, choice, False)
     await asyncio.to_thread(release_free_memory)  # the loser's weights or session
     state.publish_model()
     log.info("runtime %s (%.2fs after ready, %d timed passes)", choice.reason, time.perf_counter() - start,
@@ -169,9 +180,12 @@ async def run(state: ServiceState, sizes: list[int]) -> runtime_choice.Choice | 
 
 
 def _settle(p: Predictor, choice: runtime_choice.Choice, keep: bool, sizes: list[int], batch: int) -> None:
-    """Inference thread, between two batches: keep the winner only; warm the sizes warm-up ran that
-    the trial did not (none under --warmup auto on the eager CPU)."""
-    p.settle_runtime(choice, keep=keep)
+    """Inference thread, between two batches: warm the winner at the sizes warm-up ran that the trial
+    did not (none under --warmup auto on the eager CPU), while torch is still there to fall back on;
+    then keep the winner only."""
     if choice.runtime != "torch":
         top = probe_size(sizes)
-        at_threads(batch, warm_sizes, p, [n for n in sizes if n not in (1, top)], None)
+        for n in sizes:
+            if n not in (1, top):
+                timed_pass(p, choice.runtime, p.variant, n, batch)
+    p.settle_runtime(choice, keep=keep)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def write_first(candidates: list[Path], data: bytes) -> Path:
     replica among them, never see half a file); raises CheckpointError naming every failure."""
     errors = []
     for path in candidates:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        # per process and thread: a reload and a first start's trial may export the same file at once
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)
