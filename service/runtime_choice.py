@@ -1,5 +1,6 @@
 """`--runtime auto`: ONNX Runtime where it is installed, it ran the checkpoint like torch (the probe
-check every ONNX backend passes) and warm-up measured it faster on this machine; torch otherwise.
+check every ONNX backend passes) and it was measured faster on this machine (at a reload's warm-up,
+or on a first start after ready: service/runtime_trial.py); torch otherwise.
 
 Why measure: the answer is the CPU's and the model's. On the avx2-only AMD EPYC Zen 3, onnxruntime
 took 0.43x torch's time for the default convnet's lone image, 0.65x for resnet18's and 0.83x for its
