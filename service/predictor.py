@@ -203,8 +203,7 @@ class Predictor:
             if isinstance(loaded, Loaded) and folded is not None:  # the unfolded weights are not kept
                 loaded = dataclasses.replace(loaded, model=folded)
             self._deferred = (loaded, cand, fold_bn, export_cache_dir, folded)
-            self.runtime_choice = runtime_choice.Choice(
-                "auto", "torch", f"auto: torch until {cand} has been timed beside it", pending=True)
+            self.runtime_choice = runtime_choice.pending(cand)
             if not defer_candidate:  # built now, timed at warm-up (a reload; tests)
                 self.build_deferred_candidate()
         self.model = self.runtime.model  # the torch callable; None for the ONNX backends
@@ -276,8 +275,7 @@ class Predictor:
             return choice
         self._runtimes[name] = rt
         self.runtime_candidate = name
-        return runtime_choice.Choice("auto", "torch", f"auto: torch until {name} has been timed beside it",
-                                     pending=True)
+        return runtime_choice.pending(name)
 
     def use(self, variant: str) -> None:
         """Run with one of the runtimes built (auto: fp32 and the candidates) from now on."""

@@ -80,6 +80,11 @@ class Choice:
                 "measured": asdict(self.measured) if self.measured else None, "pending": self.pending}
 
 
+def pending(cand: str) -> Choice:
+    """What serves while `cand` waits to be built or timed beside torch."""
+    return Choice("auto", "torch", f"auto: torch until {cand} has been timed beside it", pending=True)
+
+
 def candidate(device: torch.device, precision: str, compile: str, onnx_file: bool) -> tuple[str | None, str]:
     """(the runtime auto may try beside torch, or None; why). Nothing is timed or imported here but
     the check that the extra is installed."""
