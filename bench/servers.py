@@ -110,8 +110,11 @@ class Server:
         assert self.proc is not None, "server not started"
         return self.proc.pid
 
+    def full_env(self) -> dict[str, str]:
+        return {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+
     def start(self, timeout: float = 600.0) -> Server:
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env = self.full_env()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as out:
             start = time.perf_counter()

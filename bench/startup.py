@@ -6,6 +6,10 @@ ratios the issue's targets are about are the medians of each round's own ratio (
 baseline started right before or after it). `--service NAME=DIR` adds another service, started from a
 different checkout (e.g. a `git worktree` of main), to compare before/after in the same run.
 
+Round 0 is each service's first start on the checkpoint (its derived files cleared). One more round
+follows: the derived files cleared again, `python -m service prepare` run first (timed: what a
+Kubernetes init container adds to a pod's start), then the service, which starts as a later start.
+
 Targets (issue 10): cold start at most 1.5x the baseline's, idle RSS at most the baseline's + 10%.
 """
 
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import statistics
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +36,37 @@ def measure(ckpts: dict[str, Path], env: dict[str, str], logs: Path, rounds: int
     out: dict[str, Any] = {}
     for model, ckpt in ckpts.items():
         runs: list[dict[str, Any]] = []
-        for rnd in range(rounds):
+        prepared = rounds  # the round after the last: each service starts after `prepare`
+        for rnd in range(rounds + 1):
             names = ["baseline", *trees]
             for name in names if rnd % 2 == 0 else names[::-1]:
+                extra: dict[str, float] = {}
                 if name == "baseline":
                     server = baseline_server(ckpt, torch_threads, logs, device)
                 else:
-                    if rnd == 0:  # round 0 is each service's first start on this checkpoint
+                    if rnd in (0, prepared):  # a first start on this checkpoint, or one prepared for
                         for derived in ckpt.parent.glob(f"{ckpt.name}.*"):  # export, kept runtime choice
                             derived.unlink()
                     server = service_server(ckpt, env, logs, name=name)
                     server.cwd = trees[name]
-                runs.append({"round": rnd, "server": name, **_once(server)})
-        out[model] = {"runs": runs, "summary": summarise(runs)}
+                    if rnd == prepared:
+                        extra["prepare_s"] = _prepare(server)
+                runs.append({"round": rnd, "server": name, **extra, **_once(server)})
+        out[model] = {"runs": runs, "summary": summarise(runs, prepared)}
     return out
+
+
+def _prepare(server: Server) -> float:
+    """`python -m service prepare` with the server's own settings, to exit; its wall time (s)."""
+    argv = server.argv[:server.argv.index("--checkpoint") + 2]  # not --host/--port: it serves nothing
+    start = time.perf_counter()
+    done = subprocess.run([*argv[:3], "prepare", *argv[3:]], cwd=server.cwd, env=server.full_env(),
+                          capture_output=True, text=True, timeout=600)
+    took = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{server.name} prepare exited with {done.returncode}:\n{done.stderr[-2000:]}")
+    log.info("%s prepare took %.1fs: %s", server.name, took, done.stdout.strip().splitlines()[-1])
+    return took
 
 
 def _once(server: Server) -> dict[str, float]:
@@ -55,30 +78,39 @@ def _once(server: Server) -> dict[str, float]:
         server.stop()
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def summarise(runs: list[dict[str, Any]], prepared: int | None = None) -> dict[str, dict[str, float]]:
     """Per server: median cold start, runtime settled and idle RSS, the median over rounds of each
     round's ratio to the baseline's, and round 0's ratios alone (`first_*`: a service's first start
     on the checkpoint, which exports and times its runtime candidate; later rounds read what it
-    kept)."""
+    kept). Round `prepared` (the service started after `python -m service prepare`) is kept out
+    of the medians and summarised alone (`prepared_*`, with `prepared_prepare_s`)."""
     by_round: dict[int, dict[str, dict[str, Any]]] = {}
     for r in runs:
         by_round.setdefault(r["round"], {})[r["server"]] = r
+    special = by_round.pop(prepared, {}) if prepared is not None else {}
     out: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(r["server"] for r in runs):
-        mine = [r for r in runs if r["server"] == name]
+        mine = [r for r in runs if r["server"] == name and r["round"] != prepared]
         row = {key: statistics.median(r.get(key, float("nan")) for r in mine)
                for key in ("cold_start_s", "idle_rss_mb", "settled_s")}
-        first = by_round[min(by_round)]
         for key, ratio in (("cold_start_s", "cold_start_x"), ("idle_rss_mb", "idle_rss_x")):
             pairs = [d[name][key] / d["baseline"][key] for d in by_round.values()
                      if name in d and "baseline" in d and d["baseline"][key]]
             row[ratio] = statistics.median(pairs) if pairs else float("nan")
-            ok = name in first and first.get("baseline", {}).get(key)
-            row[f"first_{ratio}"] = first[name][key] / first["baseline"][key] if ok else float("nan")
-            row[f"first_{key}"] = first[name][key] if name in first else float("nan")
-        row["first_settled_s"] = first[name].get("settled_s", float("nan")) if name in first else float("nan")
+        for pre, one in (("first_", by_round[min(by_round)]), ("prepared_", special)):
+            _alone(row, pre, one, name)
         out[name] = row
     return out
+
+
+def _alone(row: dict[str, float], pre: str, one: dict[str, dict[str, Any]], name: str) -> None:
+    """One round's figures for `name` and its ratios to that round's baseline, as `pre`-keys."""
+    mine, base = one.get(name, {}), one.get("baseline", {})
+    for key, ratio in (("cold_start_s", "cold_start_x"), ("idle_rss_mb", "idle_rss_x")):
+        row[f"{pre}{key}"] = mine.get(key, float("nan"))
+        row[f"{pre}{ratio}"] = mine[key] / base[key] if key in mine and base.get(key) else float("nan")
+    for key in ("settled_s", "prepare_s"):
+        row[f"{pre}{key}"] = mine.get(key, float("nan"))
 
 
 def render(res: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
@@ -106,11 +138,15 @@ def table(res: dict[str, Any]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for model, m in res.items():
-        rounds = len({r["round"] for r in m["runs"]})
+        # the prepared round is a row of its own, not one of the rounds
+        rounds = len({r["round"] for r in m["runs"]}) - any("prepare_s" in r for r in m["runs"])
         for name, s in m["summary"].items():
             rows = [(name, rounds, "")]
             if name != "baseline":
                 rows.append((f"{name}, first start (round 0)", 1, "first_"))
+                took = s.get("prepared_prepare_s", float("nan"))
+                if took == took:  # not NaN: there was a prepared round
+                    rows.append((f"{name}, after `prepare` ({took:.1f} s)", 1, "prepared_"))
             for label, n, pre in rows:
                 cx, rx = s[f"{pre}cold_start_x"], s[f"{pre}idle_rss_x"]
                 met = "" if name == "baseline" else (

@@ -1,6 +1,8 @@
 """`python -m service` / `convserve-serve`: flags (or CONVSERVE_* variables) -> Settings -> uvicorn.
 
 One worker process by design: it holds one model and one batcher; scale with replicas.
+`python -m service prepare [the same flags]` does a first start's one-off work and exits
+(service/prepare.py).
 """
 
 from __future__ import annotations
@@ -36,11 +38,20 @@ def _arg_kwargs(annotation: Any) -> dict[str, Any]:
     return {"type": str}
 
 
-def build_parser() -> argparse.ArgumentParser:
+PREPARE = "prepare"
+DESCRIPTIONS = {
+    "": f"Serve a convserve checkpoint over HTTP (`python -m service {PREPARE} --help`: a first start's "
+    "one-off work, done ahead of serving).",
+    PREPARE: "Export the checkpoint, time --runtime auto's candidate against torch and keep the "
+    "decision for the server (service/prepare.py), then exit. Give it the server's own settings.",
+}
+
+
+def build_parser(command: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service",
-        description="Serve a convserve checkpoint over HTTP. Every flag can also be set with the "
-        f"environment variable {ENV_PREFIX}<FLAG_NAME> (e.g. {ENV_PREFIX}MAX_BATCH_SIZE); flags win.",
+        prog=f"python -m service {command}".strip(),
+        description=f"{DESCRIPTIONS[command]} Every flag can also be set with the environment variable "
+        f"{ENV_PREFIX}<FLAG_NAME> (e.g. {ENV_PREFIX}MAX_BATCH_SIZE); flags win.",
     )
     for name, field in Settings.model_fields.items():
         default = field.get_default(call_default_factory=True)
@@ -56,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    command = PREPARE if argv[:1] == [PREPARE] else ""
+    args = vars(build_parser(command).parse_args(argv[1:] if command else argv))
     try:
         settings = load_settings(**args)
     except SettingsError as e:
@@ -78,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"convserve-serve: cannot serve --checkpoint: {e}", file=sys.stderr)
         return 2
+    if command == PREPARE:
+        from service import prepare
+
+        return prepare.main(settings)
 
     # Everything imported so far (~225k objects: modules, classes, functions) lives as long as the
     # process. Moved out of the collector's view, every full collection gets ~4x cheaper: the one

@@ -257,6 +257,11 @@ class Predictor:
         return self.runtime_candidate is not None
 
     @property
+    def choice_key(self) -> str | None:
+        """The --runtime auto decision's key (runtime_choice.machine_key); None without a candidate."""
+        return self._choice_key
+
+    @property
     def runtime_pending(self) -> bool:
         """A --runtime auto candidate still to build or to time: torch serves meanwhile."""
         return self._deferred is not None or self.runtime_candidate is not None

@@ -118,6 +118,36 @@ def test_pods_run_non_root_on_a_read_only_root_filesystem(overlay: tuple[str, li
     assert env["CONVSERVE_CHECKPOINT"].startswith("/models/")
 
 
+# What `python -m service prepare` ignores: the rest of the server's CONVSERVE_* settings must reach
+# the init container unchanged, or the decision it keeps has another key than the server looks up.
+SERVING_ONLY = {"CONVSERVE_HOST", "CONVSERVE_PORT", "CONVSERVE_DRAIN_DELAY_S", "CONVSERVE_GRACE_PERIOD_S",
+                "CONVSERVE_WATCH_CHECKPOINT"}
+
+
+def test_cpu_pods_decide_the_runtime_in_an_init_container_with_the_servers_settings(
+    overlay: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, docs = overlay
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    if name == "gpu":  # nothing to decide on a GPU (torch is its only runtime)
+        assert "initContainers" not in pod
+        return
+    (server,) = pod["containers"]
+    (init,) = pod["initContainers"]
+    assert init["name"] == "prepare" and init["args"] == ["python", "-m", "service", "prepare"]
+    assert init["image"] == server["image"]
+    ours, theirs = env_of(init), env_of(server)
+    assert {k: v for k, v in theirs.items() if k.startswith("CONVSERVE_") and k not in SERVING_ONLY} == {
+        k: v for k, v in ours.items() if k.startswith("CONVSERVE_")}
+    assert theirs.keys() >= SERVING_ONLY  # the exemptions are real settings the server is given
+    assert init["resources"] == server["resources"]  # the same cores: the decision is per core count
+    assert init["securityContext"] == server["securityContext"]
+    # the decision goes to /tmp (the checkpoint's folder is read-only), which the server reads
+    assert {(m["name"], m["mountPath"], m.get("readOnly", False)) for m in init["volumeMounts"]} == {
+        (m["name"], m["mountPath"], m.get("readOnly", False)) for m in server["volumeMounts"]}
+    assert "CONVSERVE_EXPORT_CACHE_DIR" not in ours  # both use the default, $TMPDIR's folder
+
+
 def test_service_monitor_scrapes_metrics_as_job_convserve(overlay: tuple[str, list[dict[str, Any]]]) -> None:
     _, docs = overlay
     monitor = by_kind(docs, "ServiceMonitor")
