@@ -39,7 +39,7 @@ from service.explain import Explainer
 from service.http_errors import REJECTION_REASONS
 from service.http_server import HTTP_LAYER_REASONS, LAYER, HttpLimits
 from service.logs import configure_logging
-from service.memory import release_free_memory
+from service.memory import release_free_memory, trim_when_idle
 from service.metrics import Metrics
 from service.middleware import InFlight, RequestContextMiddleware
 from service.predictor import WarmupStopped
@@ -139,10 +139,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     restore, stop_server = _drain_on_sigterm(state, app.state.in_flight)
     warming = asyncio.create_task(_warm_up_then_ready(state, stop_server), name="warm-up")
     watcher = start_watching(state)  # None unless --watch-checkpoint
+    # After a burst, the freed activations go back to the OS once the service is idle (service/memory.py)
+    trimmer = asyncio.create_task(trim_when_idle(state.predicting, lambda: state.batches_run,
+                                                 _count_returned(metrics)), name="idle-trim")
     try:
         yield
     finally:
         state.start_draining()  # also tells a running warm-up to stop at its next batch size
+        trimmer.cancel()
         if state.ready:  # what is left of that task is a first start's runtime trial: not needed now
             warming.cancel()
         await stop_watching(watcher)
@@ -151,6 +155,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.explainer.close()
         restore()
         log.info("stopped: batcher drained")
+
+
+def _count_returned(metrics: Metrics) -> Callable[[float], None]:
+    def returned(mib: float) -> None:
+        metrics.memory_trims.inc()
+        metrics.memory_returned.inc(mib * 2**20)
+
+    return returned
 
 
 async def _warm_up_then_ready(state: ServiceState, stop_server: Callable[[], None] | None) -> None:

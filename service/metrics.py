@@ -178,6 +178,15 @@ class Metrics:
             ["trigger", "result"],
             registry=r,
         )
+        self.memory_returned = Counter(
+            "convserve_memory_returned_bytes",
+            "Freed heap memory handed back to the OS after a burst of requests, once idle "
+            "(malloc_trim; service/memory.py)",
+            registry=r,
+        )
+        self.memory_trims = Counter(
+            "convserve_memory_trims", "Heap trims once idle after requests (service/memory.py)", registry=r
+        )
         for trigger in ("watch", "api"):  # every series at 0, so increase() sees the first one
             for result in ("ok", "refused"):
                 self.reloads.labels(trigger, result)

@@ -186,6 +186,7 @@ class ServiceState:
         self.device_failed: str | None = None
         self.stopping = threading.Event()  # read by a warm-up still running on the inference thread
         self.decoding = 0  # images in the decode pool (event loop only); counts against queue_limit
+        self.batches_run = 0  # model batches served (inference thread writes; memory.trim_when_idle reads)
         metrics.watch_queue(lambda: self.batcher.depth, settings.queue_limit)
         metrics.watch_threads(lambda: self.batch_threads, lambda: self.lone_threads)
         self._publish_model()
@@ -253,6 +254,7 @@ class ServiceState:
                     log.error("%s (batch of %d); that request fails", r, len(rows))
                 results[i] = r
         took = time.perf_counter() - start
+        self.batches_run += 1
         self.tuner.observe(lone, threads, len(jobs), took)
         m = self.metrics
         m.stage["inference"].observe(took)
