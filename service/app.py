@@ -139,9 +139,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     restore, stop_server = _drain_on_sigterm(state, app.state.in_flight)
     warming = asyncio.create_task(_warm_up_then_ready(state, stop_server), name="warm-up")
     watcher = start_watching(state)  # None unless --watch-checkpoint
-    # After a burst, the freed activations go back to the OS once the service is idle (service/memory.py)
-    trimmer = asyncio.create_task(trim_when_idle(state.predicting, lambda: state.batches_run,
-                                                 _count_returned(metrics)), name="idle-trim")
+    # After a burst, the freed activations go back to the OS once the service is idle (service/memory.py);
+    # not during a first start's runtime trial, whose timed passes would pay the page faults
+    trimmer = asyncio.create_task(trim_when_idle(
+        lambda: state.predicting() or state.predictor.runtime_pending, lambda: state.batches_run,
+        _count_returned(metrics)), name="idle-trim")
     try:
         yield
     finally:
