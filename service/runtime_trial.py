@@ -130,6 +130,13 @@ class Trial:
         for threads in dict.fromkeys((lone, tuner.few, tuner.all)):
             await self.one_pass(cand, 1, threads)
         await self.one_pass(cand, top, batch)
+        m = await self._timed(cand, lone, batch, top)
+        if runtime_choice.unsure(m):  # close, or the two sizes disagree: a second round first
+            log.info("runtime %s; timing a second round", runtime_choice.decide(m).reason)
+            m = runtime_choice.merged(m, await self._timed(cand, lone, batch, top))
+        return m
+
+    async def _timed(self, cand: str, lone: int, batch: int, top: int) -> runtime_choice.Measured:
         torch_one, cand_one = await self.fastest(cand, 1, lone, LONE_PAIRS)
         torch_top, cand_top = await self.fastest(cand, top, batch, 3)
         return runtime_choice.Measured(cand, self.p.precision, top, torch_top, cand_top, torch_one, cand_one)

@@ -231,10 +231,16 @@ def settle_runtime(
         for n in dict.fromkeys((lone_threads, *every_count)) if name == cand else (lone_threads,):
             at_threads(n, warm_sizes, predictor, [1], stop)
         at_threads(batch_threads, warm_sizes, predictor, [top], stop)
-    torch_one, cand_one = at_threads(lone_threads, fastest_pair, predictor, 1, served, cand)
-    torch_top, cand_top = at_threads(batch_threads, fastest_pair, predictor, top, served, cand)
-    choice = runtime_choice.decide(runtime_choice.Measured(cand, served_precision, top, torch_top, cand_top,
-                                                           torch_one, cand_one))
+    def timed() -> runtime_choice.Measured:
+        torch_one, cand_one = at_threads(lone_threads, fastest_pair, predictor, 1, served, cand)
+        torch_top, cand_top = at_threads(batch_threads, fastest_pair, predictor, top, served, cand)
+        return runtime_choice.Measured(cand, served_precision, top, torch_top, cand_top, torch_one, cand_one)
+
+    measured = timed()
+    if runtime_choice.unsure(measured):  # close, or the two sizes disagree: a second round first
+        log.info("runtime %s; timing a second round", runtime_choice.decide(measured).reason)
+        measured = runtime_choice.merged(measured, timed())
+    choice = runtime_choice.decide(measured)
     predictor.settle_runtime(choice, keep=keep)
     if choice.runtime == cand:
         at_threads(batch_threads, warm_sizes, predictor, [n for n in sizes if n not in (1, top)], stop)

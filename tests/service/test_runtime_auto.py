@@ -75,6 +75,28 @@ def test_decide_names_the_numbers() -> None:
     assert "needs a mean below 0.95" in decide(measured(0.97, 0.96)).reason
 
 
+@pytest.mark.parametrize(
+    ("batch", "lone", "again"),
+    [
+        (1.29, 0.62, True),  # the sizes disagree beyond the noise (resnet18 on the Zen 4, one start)
+        (0.97, 0.95, True),  # a mean of 0.96: within NEAR of the line
+        (0.87, 0.64, False),  # clearly faster on both
+        (1.3, 1.2, False),  # clearly slower on both
+        (1.04, 0.7, False),  # a batch within the noise, a lone image much faster
+    ],
+)
+def test_unsure_asks_for_a_second_round(batch: float, lone: float, again: bool) -> None:
+    assert runtime_choice.unsure(measured(batch, lone)) is again
+
+
+def test_merged_keeps_each_sides_fastest_run() -> None:
+    a, b = measured(1.29, 0.62), measured(0.87, 0.70)
+    m = runtime_choice.merged(a, dataclasses.replace(b, torch_batch_s=0.090))
+    assert (m.torch_batch_s, m.cand_batch_s) == (0.090, b.cand_batch_s)
+    assert (m.torch_one_s, m.cand_one_s) == (a.torch_one_s, a.cand_one_s)
+    assert decide(m).runtime == "onnxruntime"  # 0.087 / 0.090 at batch, 0.62 on a lone image
+
+
 def test_candidate_conditions(monkeypatch: pytest.MonkeyPatch) -> None:
     assert candidate(torch.device("cuda"), "fp32", "off", False)[0] is None
     assert candidate(CPU, "fp32", "trace", False)[1] == "--compile trace is a torch mode"
