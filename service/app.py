@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 
@@ -39,7 +39,7 @@ from service.explain import Explainer
 from service.http_errors import REJECTION_REASONS
 from service.http_server import HTTP_LAYER_REASONS, LAYER, HttpLimits
 from service.logs import configure_logging
-from service.memory import release_free_memory, trim_when_idle
+from service.memory import release_memory, trim_when_idle
 from service.metrics import Metrics
 from service.middleware import InFlight, RequestContextMiddleware
 from service.predictor import WarmupStopped
@@ -143,7 +143,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # not during a first start's runtime trial, whose timed passes would pay the page faults
     trimmer = asyncio.create_task(trim_when_idle(
         lambda: state.predicting() or state.predictor.runtime_pending, lambda: state.batches_run,
-        _count_returned(metrics)), name="idle-trim")
+        _count_returned(metrics), trim_fn=lambda: _release_memory(state)), name="idle-trim")
     try:
         yield
     finally:
@@ -157,6 +157,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.explainer.close()
         restore()
         log.info("stopped: batcher drained")
+
+
+def _release_memory(state: ServiceState, collect: bool = False) -> Awaitable[float]:
+    """The served runtime's pool (on the inference thread, between batches), then the free heap."""
+    return release_memory(lambda: state.batcher.call_in_worker(state.predictor.release_memory), collect)
 
 
 def _count_returned(metrics: Metrics) -> Callable[[float], None]:
@@ -183,7 +188,7 @@ async def _warm_up_then_ready(state: ServiceState, stop_server: Callable[[], Non
         state.publish_model()  # --precision auto has chosen by now
         await _warm_decode(state)
         # Load, folding and warm-up freed hundreds of MiB that glibc would keep mapped (idle RSS).
-        await asyncio.to_thread(release_free_memory)
+        await _release_memory(state, collect=True)
         if state.draining:  # SIGTERM arrived during the decode warm-up
             return
         state.batcher.start()

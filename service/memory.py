@@ -6,11 +6,11 @@ freed heap pages mapped (its mmap threshold grows after large frees, so later la
 the heap too), so the idle process still counted them in its RSS. `malloc_trim(0)` returns them.
 A no-op where the C library is not glibc.
 
-The same holds after a burst of requests: batches free their activations (ONNX Runtime runs without
-its arena, torch's CPU allocator frees too), but glibc keeps the freed pages in each thread's arena.
-On the AMD EPYC Zen 4 the default convnet on onnxruntime held ~26 MiB of them after a few thousand
-requests, the step of the 20,000-request soak (docs/benchmarks.md); `trim_when_idle` returns them
-once the service has been idle for a moment, at most every MIN_INTERVAL_S.
+The same holds after a burst of requests: torch's CPU allocator frees a batch's activations, but
+glibc keeps the freed pages in each thread's arena, and ONNX Runtime keeps them in its own arena
+(service/runtimes/onnxruntime.py) until asked to shrink it. `trim_when_idle` gives both back once the
+service has been idle for a moment, at most every MIN_INTERVAL_S: `release_memory` asks the served
+runtime first (on the inference thread), then trims the heap.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ MIN_INTERVAL_S = 10.0  # malloc_trim walks every arena under its lock: not on ev
 POLL_S = 0.25
 
 
-def _rss_mib() -> float:
+def rss_mib() -> float:
     try:
         with open("/proc/self/statm") as f:
             pages = int(f.read().split()[1])
@@ -57,19 +57,31 @@ def trim() -> float:
     fn = _malloc_trim()
     if fn is None:
         return 0.0
-    before = _rss_mib()
+    before = rss_mib()
     fn(0)
-    return max(0.0, before - _rss_mib())
+    return max(0.0, before - rss_mib())
 
 
-def release_free_memory() -> None:
-    """Collect garbage, then return free heap pages to the OS (glibc only); logs the RSS change."""
+def release_free_memory() -> float:
+    """Collect garbage, then return free heap pages to the OS (glibc only); logs the RSS change and
+    returns it, MiB."""
     gc.collect()
     if _malloc_trim() is None:
-        return
-    before = _rss_mib()
+        return 0.0
+    before = rss_mib()
     trim()
-    log.info("returned freed memory to the OS: RSS %.0f -> %.0f MiB", before, _rss_mib())
+    log.info("returned freed memory to the OS: RSS %.0f -> %.0f MiB", before, rss_mib())
+    return max(0.0, before - rss_mib())
+
+
+async def release_memory(runtime_release: Callable[[], Awaitable[object]], collect: bool = False) -> float:
+    """`runtime_release` first (the served runtime's own pool, run on the inference thread between two
+    batches), then the heap's free pages (after a garbage collection with `collect`); the RSS given
+    back, MiB."""
+    before = rss_mib()
+    await runtime_release()
+    await asyncio.to_thread(release_free_memory if collect else trim)
+    return max(0.0, before - rss_mib())
 
 
 async def trim_when_idle(

@@ -440,6 +440,10 @@ class Predictor:
         if self._cuda:  # only the stream this warm-up runs on (a reload's own): live batches go on
             torch.cuda.current_stream(self.device).synchronize()
 
+    def release_memory(self) -> None:
+        """Inference thread, between batches: the served runtime gives back what it keeps for reuse."""
+        self.runtime.release_memory()
+
     def model_ref(self) -> dict[str, str]:
         return dict(self.ref)
 

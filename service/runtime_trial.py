@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from service import runtime_choice
-from service.memory import release_free_memory
+from service.memory import release_memory
 from service.predictor import Predictor
 from service.threads import LONE_PAIRS, Alternation, at_threads, probe_size
 
@@ -179,7 +179,8 @@ async def run(state: ServiceState, sizes: list[int]) -> runtime_choice.Choice | 
         choice = runtime_choice.Choice("auto", "torch", f"auto: torch, {choice.runtime} failed while being "
                                        f"warmed ({e})")
         await state.batcher.call_in_worker(p.settle_runtime, choice, False)
-    await asyncio.to_thread(release_free_memory)  # the loser's weights or session
+    # the loser's weights or session, and what the winner's warm-up left in its pool
+    await release_memory(lambda: state.batcher.call_in_worker(p.release_memory), collect=True)
     state.publish_model()
     log.info("runtime %s (%.2fs after ready, %d timed passes)", choice.reason, time.perf_counter() - start,
              trial.passes)

@@ -45,6 +45,10 @@ class Runtime(Protocol):
         """(B, C, H, W) normalised input on the device -> (B, classes) logits."""
         ...
 
+    def release_memory(self) -> None:
+        """Give back what the runtime keeps for reuse between batches (inference thread, idle)."""
+        ...
+
     def describe(self) -> dict[str, Any]:
         """Keys merged into GET /v1/model."""
         ...

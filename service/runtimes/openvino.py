@@ -47,5 +47,8 @@ class OpenVinoRuntime:
         r.infer({0: x.contiguous().numpy()})
         return torch.from_numpy(r.get_output_tensor(0).data.copy())  # the request reuses its buffer
 
+    def release_memory(self) -> None:
+        """Nothing to shrink from here: each infer request keeps its own output buffers."""
+
     def describe(self) -> dict[str, Any]:
         return {"onnx_file": str(self.path), "plugin": "CPU"}

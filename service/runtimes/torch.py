@@ -51,5 +51,8 @@ class TorchRuntime:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._run(x)
 
+    def release_memory(self) -> None:
+        """Nothing of its own: torch's CPU allocator frees to the heap (service/memory.trim returns it)."""
+
     def describe(self) -> dict[str, Any]:
         return {"channels_last": self.channels_last, "compile": self.compile}

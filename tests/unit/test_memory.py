@@ -19,14 +19,14 @@ REPO = Path(__file__).resolve().parents[2]
 # the heap; freed, they stay mapped (in RSS) until malloc_trim. Run apart: pytest's heap is its own.
 SCENARIO = """
 import torch
-from service.memory import _rss_mib, release_free_memory
+from service.memory import rss_mib, release_free_memory
 big = torch.ones(64 << 18); del big
 blocks = [torch.ones(1 << 17) for _ in range(400)]
 keep = blocks[-1]  # the top of the heap stays in use: free() alone cannot shrink it
 del blocks
-before = _rss_mib()
+before = rss_mib()
 release_free_memory()
-print(before, _rss_mib())
+print(before, rss_mib())
 """
 
 
