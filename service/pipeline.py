@@ -240,6 +240,7 @@ async def _decode_all(host: Host, uploads: list[Upload], pre: Preprocess, deadli
         raise ServiceError("timeout", message, images=len(uploads)) from None
     finally:
         host.decoding -= len(uploads)
+        host.batcher.notify()  # a batch waiting for these re-checks (a failed one is never submitted)
 
 
 async def _run_jobs(

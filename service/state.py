@@ -171,6 +171,7 @@ class ServiceState:
             max_wait_s=settings.max_batch_wait_ms / 1000.0,
             limit=settings.queue_limit,
             name="inference",
+            incoming=lambda: self.decoding,  # a batch short of full waits for these (service.batching)
         )
         self.reload_lock = asyncio.Lock()
         # Torch threads for a batch and for a lone image (batch of one, nothing queued): start-up

@@ -230,3 +230,102 @@ def test_cancelled_items_free_their_queue_slot_at_once() -> None:
             assert b.depth == 0
 
     asyncio.run(scenario())
+
+
+def _warmed(b: DynamicBatcher[int, int], per_item_s: float) -> None:
+    """As if the last batch had taken per_item_s per item (what bounds the wait for incoming items)."""
+    b._per_item_s = per_item_s
+
+
+def test_a_first_item_waits_for_items_still_decoding() -> None:
+    """Three more are 'decoding' when the first is submitted: they arrive 20 ms later and all four
+    run as one batch, not 1 then 3."""
+    sizes: list[int] = []
+    decoding = [3]
+
+    def ident(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        return xs
+
+    async def scenario() -> list[int]:
+        batcher = DynamicBatcher(ident, max_size=8, max_wait_s=0, limit=16, incoming=lambda: decoding[0])
+        async with batcher as b:
+            _warmed(b, 5.0)
+            first = asyncio.ensure_future(b.submit(0))
+            await asyncio.sleep(0.02)
+            assert not sizes, "the first item ran alone while others were decoding"
+            decoding[0] = 0
+            rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 4)]
+            return [await first, *[await r for r in rest]]
+
+    assert asyncio.run(scenario()) == [0, 1, 2, 3]
+    assert sizes == [4]
+
+
+def test_a_decode_that_fails_releases_the_waiting_batch() -> None:
+    """The one image decoding fails (never submitted): notify() lets the waiting item run at once,
+    long before its 60 s bound."""
+    sizes: list[int] = []
+    decoding = [1]
+
+    def ident(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        return xs
+
+    async def scenario() -> int:
+        batcher = DynamicBatcher(ident, max_size=8, max_wait_s=0, limit=16, incoming=lambda: decoding[0])
+        async with batcher as b:
+            _warmed(b, 60.0)
+            first = asyncio.ensure_future(b.submit(7))
+            await asyncio.sleep(0.02)
+            assert not sizes
+            decoding[0] = 0
+            b.notify()
+            return await asyncio.wait_for(first, timeout=10)
+
+    assert asyncio.run(scenario()) == 7
+    assert sizes == [1]
+
+
+def test_the_wait_for_incoming_items_is_bounded_by_one_items_batch_time() -> None:
+    """Items that stay 'decoding' forever hold a batch for one item's last time (50 ms), no longer."""
+    sizes: list[int] = []
+
+    def ident(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        return xs
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        async with DynamicBatcher(ident, max_size=8, max_wait_s=0, limit=16, incoming=lambda: 5) as b:
+            _warmed(b, 0.05)
+            start = loop.time()
+            await asyncio.wait_for(b.submit(1), timeout=10)
+            return loop.time() - start
+
+    took = asyncio.run(scenario())
+    assert 0.04 <= took < 5.0
+    assert sizes == [1]
+
+
+def test_the_wait_per_item_is_what_the_last_batch_took() -> None:
+    """A first batch of 4 taking ~80 ms sets the bound to ~20 ms per item; a slow one later moves it
+    a fifth of the way."""
+    import time
+
+    delays = [0.08, 0.5]
+
+    def slow(xs: list[int]) -> list[int]:
+        time.sleep(delays.pop(0))
+        return xs
+
+    async def scenario() -> tuple[float, float]:
+        async with DynamicBatcher(slow, max_size=8, max_wait_s=0.05, limit=16) as b:
+            await asyncio.gather(*(b.submit(i) for i in range(4)))
+            first = b._per_item_s
+            await b.submit(9)  # alone: 0.5 s for one item
+            return first, b._per_item_s
+
+    first, after = asyncio.run(scenario())
+    assert 0.015 <= first < 0.2
+    assert 0.8 * first + 0.2 * 0.5 <= after < 0.8 * first + 0.2 * 0.9

@@ -72,7 +72,8 @@ class FakeHost:
             return self.batch_fn(jobs)
 
         self.batcher: DynamicBatcher[Job, JobResult] = DynamicBatcher(
-            run, max_size=8, max_wait_s=0.001, limit=self.settings.queue_limit, name="test"
+            run, max_size=8, max_wait_s=0.001, limit=self.settings.queue_limit, name="test",
+            incoming=lambda: self.decoding,  # as service.state.ServiceState wires it
         )
 
 
@@ -260,3 +261,45 @@ def test_many_pixels_in_few_bytes_and_several_uploads_use_the_pool(monkeypatch: 
     assert len(big) > pipeline.INLINE_BYTES
     _infer(FakeHost(), [Upload(big, None)])
     assert [name != main for name, _ in seen] == [True]
+
+
+def _two_requests(host: FakeHost, second: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, float]:
+    """Two one-image requests at once; the second's decode takes 0.3 s. Both through the pool."""
+    monkeypatch.setattr(pipeline, "INLINE_BYTES", 0)
+    real = pipeline._decode_timed
+
+    def decode(data: bytes, *args: Any) -> Any:
+        if data == second:
+            time.sleep(0.3)
+        return real(data, *args)
+
+    monkeypatch.setattr(pipeline, "_decode_timed", decode)
+
+    async def scenario() -> tuple[Any, Any, float]:
+        async with host.batcher:
+            host.batcher._per_item_s = 5.0  # as if a batch had taken 5 s per image: the wait's bound
+            begin = time.perf_counter()
+            calls = [pipeline.infer(host, [Upload(data, None)], protocol="v1", receive=_never,  # type: ignore[arg-type]
+                                    start=begin, top_k=1, all_probs=False, all_or_nothing=False)
+                     for data in (images.jpeg(), second)]
+            a, b = await asyncio.gather(*calls)
+            return a, b, time.perf_counter() - begin
+
+    return asyncio.run(scenario())
+
+
+def test_an_image_decoded_first_waits_for_one_still_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first image is ready 0.3 s before the second: they still run as one batch of two."""
+    host = FakeHost()
+    a, b, _ = _two_requests(host, images.png("RGB"), monkeypatch)
+    assert isinstance(a.items[0], JobResult) and isinstance(b.items[0], JobResult)
+    assert [len(batch) for batch in host.batches] == [2]
+
+
+def test_an_image_that_fails_to_decode_does_not_hold_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second upload is junk: once its decode fails the first runs, long before the 5 s bound."""
+    host = FakeHost()
+    a, b, took = _two_requests(host, b"junk", monkeypatch)
+    assert isinstance(a.items[0], JobResult) and b.items[0].code == "corrupt_image"
+    assert [len(batch) for batch in host.batches] == [1]
+    assert took < 2.5
