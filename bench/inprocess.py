@@ -120,8 +120,9 @@ class Bound:
             submitted += 1
         while done < count:
             ready, rest = wait(pending, return_when=FIRST_COMPLETED)
-            if len(ready) < self.batch and rest and per_image:
-                more, _ = wait(rest, timeout=per_image)
+            until = time.perf_counter() + per_image
+            while len(ready) < self.batch and rest and time.perf_counter() < until:
+                more, rest = wait(rest, timeout=until - time.perf_counter(), return_when=FIRST_COMPLETED)
                 ready |= more
             batch = list(ready)[: self.batch]
             pending.difference_update(batch)

@@ -193,8 +193,9 @@ class ServiceState:
         self._publish_model()
 
     def predicting(self) -> bool:
-        """A prediction is decoding, queued or running (event loop; explanations yield to it)."""
-        return bool(self.decoding or self.batcher.depth or self.batcher.busy)
+        """A prediction is decoding, queued, in a batch filling up or running (event loop; explanations
+        and the runtime trial yield to it)."""
+        return bool(self.decoding or self.batcher.depth or self.batcher.holding or self.batcher.busy)
 
     def set_ready(self, ready: bool) -> None:
         self.ready = ready

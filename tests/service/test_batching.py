@@ -329,3 +329,38 @@ def test_the_wait_per_item_is_what_the_last_batch_took() -> None:
     first, after = asyncio.run(scenario())
     assert 0.015 <= first < 0.2
     assert 0.8 * first + 0.2 * 0.5 <= after < 0.8 * first + 0.2 * 0.9
+
+
+def test_the_time_per_item_leaves_out_waiting_behind_other_work_on_the_worker() -> None:
+    """A batch queued 0.4 s behind a call_in_worker job (a runtime trial's pass, a reload's warm-up)
+    records the batch function's own time, not those 0.4 s."""
+    import time
+
+    async def scenario() -> float:
+        async with DynamicBatcher(lambda xs: xs, max_size=8, max_wait_s=0, limit=16) as b:
+            other = asyncio.ensure_future(b.call_in_worker(time.sleep, 0.4))
+            await asyncio.sleep(0.01)
+            await b.submit(1)
+            await other
+            return b._per_item_s
+
+    assert asyncio.run(scenario()) < 0.1
+
+
+def test_a_batch_waiting_for_incoming_items_counts_as_holding() -> None:
+    decoding = [1]
+
+    async def scenario() -> tuple[bool, int]:
+        batcher: DynamicBatcher[int, int] = DynamicBatcher(
+            lambda xs: xs, max_size=8, max_wait_s=0, limit=16, incoming=lambda: decoding[0]
+        )
+        async with batcher as b:
+            _warmed(b, 60.0)
+            first = asyncio.ensure_future(b.submit(3))
+            await asyncio.sleep(0.02)
+            held = b.holding and b.depth == 0 and not b.busy
+            decoding[0] = 0
+            b.notify()
+            return held, await first
+
+    assert asyncio.run(scenario()) == (True, 3)
